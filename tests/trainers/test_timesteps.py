@@ -1,0 +1,108 @@
+"""Each timestep density against its closed-form CDF (Kolmogorov-Smirnov on 1e5 draws)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import optimize, special, stats
+
+from trainers.config import TimestepConfig
+from trainers.timesteps import resolve_shift, sample_timesteps, sampling_schedule, shift_timesteps
+
+N = 100_000
+
+
+def _draws(cfg: TimestepConfig, shift: float = 1.0) -> np.ndarray:
+    return sample_timesteps(cfg, N, shift, torch.Generator().manual_seed(1234)).double().numpy()
+
+
+def _mode_cdf(scale: float):
+    # SD3 eq. 21: t = f(u) = 1 - u - s (cos^2(pi u / 2) - 1 + u), decreasing in u, so
+    # P(t <= x) = P(u >= f^-1(x)) = 1 - f^-1(x).
+    def f(u: float) -> float:
+        return 1 - u - scale * (math.cos(math.pi * u / 2) ** 2 - 1 + u)
+
+    def cdf(x: np.ndarray) -> np.ndarray:
+        return np.array([1 - optimize.brentq(lambda u, xi=xi: f(u) - xi, 0.0, 1.0) for xi in np.atleast_1d(x)])
+
+    return cdf
+
+
+CASES = {
+    "uniform": (TimestepConfig(sampler="uniform"), lambda x: np.clip(x, 0, 1)),
+    "logit_normal(0,1)": (TimestepConfig(sampler="logit_normal"), lambda x: stats.norm.cdf(special.logit(x))),
+    "logit_normal(-0.5,0.6)": (
+        TimestepConfig(sampler="logit_normal", logit_mean=-0.5, logit_std=0.6),
+        lambda x: stats.norm.cdf(special.logit(x), loc=-0.5, scale=0.6),
+    ),
+    "mode(1.29)": (TimestepConfig(sampler="mode", mode_scale=1.29), _mode_cdf(1.29)),
+    "mode(-0.5)": (TimestepConfig(sampler="mode", mode_scale=-0.5), _mode_cdf(-0.5)),
+    # SD3 eq. 20: t = 1 - 1 / (tan(pi u / 2) + 1)  =>  P(t <= x) = (2 / pi) atan(x / (1 - x)).
+    "cosmap": (TimestepConfig(sampler="cosmap"), lambda x: 2 / np.pi * np.arctan(x / (1 - x))),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_sampler_matches_closed_form(name: str) -> None:
+    cfg, cdf = CASES[name]
+    draws = _draws(cfg)
+    assert draws.min() > 0 and draws.max() < 1
+    if name.startswith("mode"):  # brentq per point is slow: test on a subsample
+        draws = draws[:5000]
+    result = stats.kstest(draws, cdf)
+    assert result.pvalue > 1e-3, f"{name}: KS statistic {result.statistic:.4f}, p={result.pvalue:.2e}"
+
+
+def test_ks_detects_a_wrong_density() -> None:
+    # The test above must be able to fail: logit-normal draws are not uniform.
+    draws = _draws(TimestepConfig(sampler="logit_normal"))
+    assert stats.kstest(draws, lambda x: np.clip(x, 0, 1)).pvalue < 1e-6
+
+
+@pytest.mark.parametrize("shift", [0.5, 3.0])
+def test_shifted_density(shift: float) -> None:
+    # t' = s t / (1 + (s - 1) t) is increasing with inverse t = t' / (s - (s - 1) t'), so
+    # P(t' <= x) = F(x / (s - (s - 1) x)).
+    cfg = TimestepConfig(sampler="logit_normal")
+    draws = _draws(cfg, shift)
+
+    def cdf(x: np.ndarray) -> np.ndarray:
+        return stats.norm.cdf(special.logit(x / (shift - (shift - 1) * x)))
+
+    assert stats.kstest(draws, cdf).pvalue > 1e-3
+    assert (np.median(draws) > 0.5) == (shift > 1)
+
+
+def test_shift_fixes_endpoints_and_is_monotone() -> None:
+    t = torch.linspace(0, 1, 101, dtype=torch.float64)
+    for s in (0.3, 1.0, 3.0):
+        out = shift_timesteps(t, s)
+        assert out[0] == 0 and out[-1].item() == pytest.approx(1.0, abs=1e-12)
+        assert torch.all(out[1:] > out[:-1])
+    assert torch.allclose(shift_timesteps(torch.tensor([0.5]), 3.0), torch.tensor([0.75]))
+
+
+def test_auto_shift_is_sd3_sqrt_ratio() -> None:
+    cfg = TimestepConfig(shift="auto", base_resolution=256)
+    assert resolve_shift(cfg, 1024) == pytest.approx(4.0)
+    assert resolve_shift(cfg, 256) == pytest.approx(1.0)
+    assert resolve_shift(TimestepConfig(shift=2.5), 1024) == 2.5
+
+
+def test_sampling_schedule() -> None:
+    ts = sampling_schedule(4, 3.0)
+    assert ts[0] == 1 and ts[-1] == 0 and len(ts) == 5
+    assert torch.allclose(ts, shift_timesteps(torch.linspace(1, 0, 5, dtype=torch.float64), 3.0))
+
+
+def test_same_generator_same_draws() -> None:
+    cfg = TimestepConfig(sampler="cosmap")
+    a = sample_timesteps(cfg, 64, 2.0, torch.Generator().manual_seed(5))
+    b = sample_timesteps(cfg, 64, 2.0, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+
+
+def test_invalid_mode_scale_rejected() -> None:
+    with pytest.raises(ValueError, match="mode_scale"):
+        TimestepConfig(sampler="mode", mode_scale=3.0)

