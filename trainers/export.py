@@ -77,6 +77,8 @@ class ExportedModel:
     def to(self, device: torch.device | str) -> ExportedModel:
         self.denoiser.to(device)
         self.text_encoder.to(device)
+        if self.vae is not None:
+            self.vae.to(device)
         return self
 
     @torch.no_grad()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -161,13 +161,18 @@ def build_denoiser(
     """Build a randomly initialised backbone of a named size."""
     spec = lookup(BACKBONES, backbone, "model.backbone")
     p = lookup(PRESETS, preset, "model.preset")
+    overrides = dict(overrides or {})
+    # Size fields given as overrides replace the preset's, so derived arguments (the positional
+    # embedding grid, the caption projection width) follow them.
+    fields = {"patch_size": "patch_size", "num_layers": "layers", "num_attention_heads": "heads", "attention_head_dim": "head_dim"}
+    p = replace(p, **{fields[k]: int(overrides.pop(k)) for k in list(overrides) if k in fields})
     if sample_size % p.patch_size:
         raise ValueError(
             f"image size {sample_size} is not divisible by the preset's patch size {p.patch_size}; "
             "change data.resolution or set model.overrides.patch_size"
         )
     try:
-        transformer = spec.build(p, sample_size, channels, text_dim, pooled_dim, **(overrides or {}))
+        transformer = spec.build(p, sample_size, channels, text_dim, pooled_dim, **overrides)
     except TypeError as err:
         raise ValueError(f"model.overrides not accepted by {spec.cls.__name__}: {err}") from None
     return Denoiser(backbone, transformer)

@@ -67,6 +67,10 @@ def init_distributed(device_arg: str) -> Dist:
     """Single process, or DDP when launched by torchrun (WORLD_SIZE > 1): NCCL on CUDA, else gloo."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        # TF32 for the fp32 matmuls/convs left outside bf16 autocast (Ampere and later).
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if world == 1:
         return Dist(device=torch.device("cuda" if use_cuda else "cpu"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
