@@ -38,7 +38,7 @@ from trainers.flow import flow_matching_loss, solver_nfe
 from trainers.logs import Progress, tee_output
 from trainers.models import build_denoiser, count_parameters
 from trainers.rundir import RunDir
-from trainers.text import TextEmbeddings, build_text_encoder
+from trainers.text import TextEmbeddings, build_text_encoder, split_words
 from trainers.timesteps import resolve_shift
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -146,19 +146,13 @@ def load_data(cfg: FlowConfig, device: torch.device) -> TrainData:
         from trainers.data.folder import ImageFolderDataset
 
         ds = ImageFolderDataset(cfg.data.path, cfg.data.resolution)
-        vocabulary = sorted({w for c in ds.captions for w in _words(c)})
+        vocabulary = sorted({w for c in ds.captions for w in split_words(c)})
     if not cfg.data.vae:
         return TrainData(ds.images, list(ds.captions), False, vocabulary)
     from trainers.data.latents import VaeCodec, encode_images, load_vae
 
     codec = VaeCodec(load_vae(cfg.data.vae, cfg.data.vae_subfolder).to(device))
     return TrainData(encode_images(codec, ds.images).cpu(), list(ds.captions), True, vocabulary, codec)
-
-
-def _words(caption: str) -> list[str]:
-    import re
-
-    return [w for w in re.split(r"[^0-9a-z]+", caption.lower()) if w]
 
 
 class BatchOrder:
