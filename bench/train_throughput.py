@@ -30,7 +30,9 @@ from trainers.train import Dist, FlowTrainer
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--preset", default="tiny")
     p.add_argument("--backbone", default="sd3")
     p.add_argument("--resolution", type=int, default=32)
@@ -42,7 +44,9 @@ def main() -> None:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--compile", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="device peak dense bf16 TFLOP/s for MFU")
+    p.add_argument(
+        "--peak-tflops", type=float, default=989.0, help="device peak dense bf16 TFLOP/s for MFU"
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = p.parse_args()
     if args.threads:
@@ -52,12 +56,18 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = True
 
     overrides = {"patch_size": args.patch_size} if args.patch_size else {}
-    cfg = parse_config({
-        "model": {"backbone": args.backbone, "preset": args.preset, "overrides": overrides},
-        "data": {"resolution": args.resolution, "size": max(4 * args.batch_size, 512)},
-        "train": {"steps": 10**9, "batch_size": args.batch_size, "precision": args.precision,
-                  "compile": args.compile},
-    })  # fmt: skip
+    cfg = parse_config(
+        {
+            "model": {"backbone": args.backbone, "preset": args.preset, "overrides": overrides},
+            "data": {"resolution": args.resolution, "size": max(4 * args.batch_size, 512)},
+            "train": {
+                "steps": 10**9,
+                "batch_size": args.batch_size,
+                "precision": args.precision,
+                "compile": args.compile,
+            },
+        }
+    )
     with tempfile.TemporaryDirectory() as tmp:
         trainer = FlowTrainer(cfg, RunDir(tmp), Dist(device=torch.device(args.device)))
         n_params = sum(p.numel() for p in trainer.net.denoiser.parameters())
@@ -84,7 +94,9 @@ def main() -> None:
         "resolution": args.resolution,
         "patch_size": args.patch_size or "preset",
         "batch_size": args.batch_size,
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
         "precision": args.precision,
         "compile": args.compile,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -11,7 +12,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-study_app = typer.Typer(help="Run and inspect Optuna studies over training choices.", no_args_is_help=True)
+study_app = typer.Typer(
+    help="Run and inspect Optuna studies over training choices.", no_args_is_help=True
+)
 app.add_typer(study_app, name="study")
 
 EXIT_NOT_BUILT = 3
@@ -19,7 +22,7 @@ EXIT_NOT_BUILT = 3
 
 @study_app.command("run")
 def study_run(
-    file: Path = typer.Argument(..., help="study YAML file, e.g. studies/timestep.yaml"),
+    file: Annotated[Path, typer.Argument(help="study YAML file, e.g. studies/timestep.yaml")],
 ) -> None:
     """Run a study (not built yet: the study runner is the next issue).
 
@@ -28,8 +31,10 @@ def study_run(
         uv run python -m trainers.flow --config studies/configs/shapes-tiny.json --run-dir runs/tiny
     """
     typer.echo(
-        f"The study runner is not built yet, so {file} cannot run. Train one configuration by hand:\n"
-        "  uv run python -m trainers.flow --config studies/configs/shapes-tiny.json --run-dir runs/tiny",
+        f"The study runner is not built yet, so {file} cannot run. "
+        "Train one configuration by hand:\n"
+        "  uv run python -m trainers.flow --config studies/configs/shapes-tiny.json "
+        "--run-dir runs/tiny",
         err=True,
     )
     raise typer.Exit(EXIT_NOT_BUILT)

@@ -164,7 +164,11 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "<root>"
         value = e.get("input")
-        shown = json.dumps(value) if isinstance(value, str | int | float | bool | None) else type(value).__name__
+        shown = (
+            json.dumps(value)
+            if isinstance(value, str | int | float | bool | None)
+            else type(value).__name__
+        )
         lines.append(f"  {path}: {e['msg']} (got {shown})")
     return "\n".join(lines)
 
@@ -179,12 +183,16 @@ def parse_config(data: dict[str, Any], source: str = "<dict>") -> FlowConfig:
 def load_config(path: str | Path) -> FlowConfig:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"trainer config {path} does not exist; pass --config PATH to a JSON file")
+        raise ConfigError(
+            f"trainer config {path} does not exist; pass --config PATH to a JSON file"
+        )
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"trainer config {path} is not valid JSON: {err}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"trainer config {path} must hold a JSON object, got {type(data).__name__}")
+        raise ConfigError(
+            f"trainer config {path} must hold a JSON object, got {type(data).__name__}"
+        )
     data.pop("config_hash", None)  # config.json written by the harness carries its hash
     return parse_config(data, str(path))

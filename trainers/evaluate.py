@@ -25,11 +25,18 @@ class ShapesEvaluator:
 
         self.net = load_attribute_net(device=device)
         ref = reference_stats(
-            self.net, seed=cfg.data.seed, split="val", size=cfg.eval.reference_images, resolution=cfg.data.resolution
+            self.net,
+            seed=cfg.data.seed,
+            split="val",
+            size=cfg.eval.reference_images,
+            resolution=cfg.data.resolution,
         )
         n = cfg.eval.num_images
         self.seen = [sample_attrs(cfg.data.seed, "val", _EVAL_INDEX_OFFSET + i) for i in range(n)]
-        self.heldout = [sample_attrs(cfg.data.seed, "heldout", _EVAL_INDEX_OFFSET + i) for i in range(max(2, n // 2))]
+        self.heldout = [
+            sample_attrs(cfg.data.seed, "heldout", _EVAL_INDEX_OFFSET + i)
+            for i in range(max(2, n // 2))
+        ]
         self._metrics = lambda: DomainMetrics(self.net, ref)
 
     def run(self, generate: GenerateFn) -> dict[str, float]:

@@ -94,10 +94,17 @@ class ExportedModel:
     ) -> torch.Tensor:
         """Images in [-1, 1], [N, 3, H, W]; one per (prompt, seed) pair, zipped."""
         return generate_images(
-            self.denoiser, self.text_encoder, prompts, seeds, self.latent_shape,
-            steps=steps, solver=solver, guidance=guidance,
-            shift=self.shift if shift is None else shift, vae=self.vae,
-        )  # fmt: skip
+            self.denoiser,
+            self.text_encoder,
+            prompts,
+            seeds,
+            self.latent_shape,
+            steps=steps,
+            solver=solver,
+            guidance=guidance,
+            shift=self.shift if shift is None else shift,
+            vae=self.vae,
+        )
 
     def nfe(self, solver: str, steps: int) -> int:
         return solver_nfe(solver, steps)
@@ -128,7 +135,16 @@ def generate_images(
     for i in range(0, len(prompts), batch_size):
         p, s = list(prompts[i : i + batch_size]), list(seeds[i : i + batch_size])
         noise = initial_noise(s, latent_shape).to(device)
-        x = sample(denoiser, noise, text_encoder(p), uncond, steps=steps, shift=shift, solver=solver, guidance=guidance)
+        x = sample(
+            denoiser,
+            noise,
+            text_encoder(p),
+            uncond,
+            steps=steps,
+            shift=shift,
+            solver=solver,
+            guidance=guidance,
+        )
         out.append((vae.decode(x) if vae is not None else x).clamp(-1, 1).cpu())
     denoiser.train(was_training)
     return torch.cat(out)
@@ -140,7 +156,8 @@ def load_export(directory: str | Path, device: torch.device | str = "cpu") -> Ex
     meta_path = directory / "harness.json"
     if not meta_path.is_file():
         raise WeightsError(
-            f"{directory} is not an exported model: {meta_path} is missing; pass the final/ directory "
+            f"{directory} is not an exported model: {meta_path} is missing; "
+            "pass the final/ directory "
             "of a finished run (it is written when a run ends with status ok)"
         )
     meta = json.loads(meta_path.read_text())

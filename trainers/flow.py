@@ -10,6 +10,7 @@ Run the trainer with ``python -m trainers.flow --config CONFIG.json --run-dir DI
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -57,7 +58,9 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
     Each item has its own CPU generator, so the noise for a (prompt, seed) pair is the same
     whatever the batch, the run or the device.
     """
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    return torch.stack(
+        [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    )
 
 
 def solver_nfe(solver: str, steps: int) -> int:
@@ -103,7 +106,7 @@ def sample(
 
     ts = sampling_schedule(steps, shift).tolist()
     x = noise.float()
-    for t, t_next in zip(ts[:-1], ts[1:], strict=True):
+    for t, t_next in itertools.pairwise(ts):
         dt = t_next - t
         v = velocity(x, t)
         x_euler = x + dt * v
@@ -118,7 +121,9 @@ def _concat_text(a: TextEmbeddings, b: TextEmbeddings) -> TextEmbeddings:
     def cat(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, y.expand(x.shape[0], *y.shape[1:]) if y.shape[0] == 1 else y])
 
-    return TextEmbeddings(tokens=cat(a.tokens, b.tokens), pooled=cat(a.pooled, b.pooled), mask=cat(a.mask, b.mask))
+    return TextEmbeddings(
+        tokens=cat(a.tokens, b.tokens), pooled=cat(a.pooled, b.pooled), mask=cat(a.mask, b.mask)
+    )
 
 
 def count_trainable(module: nn.Module) -> int:

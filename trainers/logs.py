@@ -7,7 +7,13 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.progress import Progress as RichProgress
 
 
@@ -54,12 +60,18 @@ class Progress:
     def __enter__(self) -> Progress:
         if self.interactive:
             self._bar = RichProgress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:.1f} img/s"),
-                TimeElapsedColumn(), TimeRemainingColumn(),
-            )  # fmt: skip
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}"),
+                TextColumn("{task.fields[ips]:.1f} img/s"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+            )
             self._bar.__enter__()
-            self._task = self._bar.add_task("train", total=self.total, completed=self._start, loss=float("nan"), ips=0.0)
+            self._task = self._bar.add_task(
+                "train", total=self.total, completed=self._start, loss=float("nan"), ips=0.0
+            )
         return self
 
     def __exit__(self, *exc: Any) -> None:

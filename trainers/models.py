@@ -46,7 +46,9 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def _sd3(p: Preset, sample_size: int, channels: int, text_dim: int, pooled_dim: int, **kw: Any) -> nn.Module:
+def _sd3(
+    p: Preset, sample_size: int, channels: int, text_dim: int, pooled_dim: int, **kw: Any
+) -> nn.Module:
     args: dict[str, Any] = dict(
         sample_size=sample_size,
         patch_size=p.patch_size,
@@ -64,7 +66,9 @@ def _sd3(p: Preset, sample_size: int, channels: int, text_dim: int, pooled_dim: 
     return SD3Transformer2DModel(**args)
 
 
-def _pixart(p: Preset, sample_size: int, channels: int, text_dim: int, pooled_dim: int, **kw: Any) -> nn.Module:
+def _pixart(
+    p: Preset, sample_size: int, channels: int, text_dim: int, pooled_dim: int, **kw: Any
+) -> nn.Module:
     args: dict[str, Any] = dict(
         sample_size=sample_size,
         patch_size=p.patch_size,
@@ -81,7 +85,9 @@ def _pixart(p: Preset, sample_size: int, channels: int, text_dim: int, pooled_di
     return PixArtTransformer2DModel(**args)
 
 
-def _sd3_forward(m: nn.Module, x: torch.Tensor, t: torch.Tensor, text: TextEmbeddings) -> torch.Tensor:
+def _sd3_forward(
+    m: nn.Module, x: torch.Tensor, t: torch.Tensor, text: TextEmbeddings
+) -> torch.Tensor:
     # diffusers' SD3 pipelines feed timestep = sigma * 1000; keep that scale for weight reuse.
     return m(
         hidden_states=x,
@@ -92,7 +98,9 @@ def _sd3_forward(m: nn.Module, x: torch.Tensor, t: torch.Tensor, text: TextEmbed
     )[0]
 
 
-def _pixart_forward(m: nn.Module, x: torch.Tensor, t: torch.Tensor, text: TextEmbeddings) -> torch.Tensor:
+def _pixart_forward(
+    m: nn.Module, x: torch.Tensor, t: torch.Tensor, text: TextEmbeddings
+) -> torch.Tensor:
     return m(
         hidden_states=x,
         encoder_hidden_states=text.tokens,
@@ -164,7 +172,12 @@ def build_denoiser(
     overrides = dict(overrides or {})
     # Size fields given as overrides replace the preset's, so derived arguments (the positional
     # embedding grid, the caption projection width) follow them.
-    fields = {"patch_size": "patch_size", "num_layers": "layers", "num_attention_heads": "heads", "attention_head_dim": "head_dim"}
+    fields = {
+        "patch_size": "patch_size",
+        "num_layers": "layers",
+        "num_attention_heads": "heads",
+        "attention_head_dim": "head_dim",
+    }
     p = replace(p, **{fields[k]: int(overrides.pop(k)) for k in list(overrides) if k in fields})
     if sample_size % p.patch_size:
         raise ValueError(

@@ -92,7 +92,16 @@ class RunDir:
         for name, value in values.items():
             v = float(value)
             # JSON has no NaN/inf; write null so every line stays parseable.
-            lines.append(json.dumps({"step": step, "name": name, "value": v if math.isfinite(v) else None, "time": now}))
+            lines.append(
+                json.dumps(
+                    {
+                        "step": step,
+                        "name": name,
+                        "value": v if math.isfinite(v) else None,
+                        "time": now,
+                    }
+                )
+            )
         with open(self.metrics, "a") as f:
             f.write("\n".join(lines) + "\n")
             f.flush()
@@ -116,7 +125,10 @@ class RunDir:
     # -- status ---------------------------------------------------------------------------
     def write_status(self, status: str, step: int, reason: str = "", **extra: Any) -> None:
         assert status in STATUSES, status
-        atomic_write_json(self.status, {"status": status, "step": step, "reason": reason, "time": time.time(), **extra})
+        atomic_write_json(
+            self.status,
+            {"status": status, "step": step, "reason": reason, "time": time.time(), **extra},
+        )
 
     def read_status(self) -> dict[str, Any] | None:
         return json.loads(self.status.read_text()) if self.status.exists() else None
@@ -140,5 +152,6 @@ class RunDir:
             return torch.load(self.checkpoint, map_location="cpu", weights_only=False)
         except Exception as err:  # a truncated file is the only way a renamed checkpoint breaks
             raise RuntimeError(
-                f"checkpoint {self.checkpoint} cannot be read ({err}); delete it to restart the run from scratch"
+                f"checkpoint {self.checkpoint} cannot be read ({err}); "
+                "delete it to restart the run from scratch"
             ) from None

@@ -51,5 +51,7 @@ def write_samples(
         name = f"p{pid:03d}_s{seed}.png"
         Image.fromarray(px).save(folder / name)
         rel = f"{tag}/{name}"
-        records.append({"prompt_id": pid, "prompt": prompt, "seed": seed, "path": rel, "tag": tag, **meta})
+        records.append(
+            {"prompt_id": pid, "prompt": prompt, "seed": seed, "path": rel, "tag": tag, **meta}
+        )
     run.append_manifest(records)

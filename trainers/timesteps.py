@@ -33,7 +33,9 @@ def _logit_normal(cfg: TimestepConfig, n: int, gen: torch.Generator | None) -> t
 
 
 def _mode(cfg: TimestepConfig, n: int, gen: torch.Generator | None) -> torch.Tensor:
-    return compute_density_for_timestep_sampling("mode", n, mode_scale=cfg.mode_scale, generator=gen)
+    return compute_density_for_timestep_sampling(
+        "mode", n, mode_scale=cfg.mode_scale, generator=gen
+    )
 
 
 def _cosmap(cfg: TimestepConfig, n: int, gen: torch.Generator | None) -> torch.Tensor:

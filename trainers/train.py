@@ -23,7 +23,6 @@ import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,6 +41,7 @@ from trainers.text import TextEmbeddings, build_text_encoder, split_words
 from trainers.timesteps import resolve_shift
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+_CPU = torch.device("cpu")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -56,7 +56,7 @@ class NonFiniteLoss(RuntimeError):
 class Dist:
     rank: int = 0
     world: int = 1
-    device: torch.device = torch.device("cpu")
+    device: torch.device = _CPU
 
     @property
     def main(self) -> bool:
@@ -64,7 +64,7 @@ class Dist:
 
 
 def init_distributed(device_arg: str) -> Dist:
-    """Single process, or DDP when launched by torchrun (WORLD_SIZE > 1): NCCL on CUDA, else gloo."""
+    """One process, or DDP under torchrun (WORLD_SIZE > 1): NCCL on CUDA, else gloo."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available())
     if use_cuda:
@@ -84,7 +84,9 @@ def init_distributed(device_arg: str) -> Dist:
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
     # A distinct, reproducible stream per (seed, step, rank); large odd multipliers keep the
     # streams of neighbouring steps and ranks apart.
-    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63))
+    return torch.Generator().manual_seed(
+        (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63)
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,7 +142,9 @@ def load_data(cfg: FlowConfig, device: torch.device) -> TrainData:
     if cfg.data.kind == "shapes":
         from trainers.data.shapes import ShapesDataset, caption_vocabulary
 
-        ds = ShapesDataset(seed=cfg.data.seed, split="train", size=cfg.data.size, resolution=cfg.data.resolution)
+        ds = ShapesDataset(
+            seed=cfg.data.seed, split="train", size=cfg.data.size, resolution=cfg.data.resolution
+        )
         vocabulary = caption_vocabulary()
     else:
         from trainers.data.folder import ImageFolderDataset
@@ -152,7 +156,9 @@ def load_data(cfg: FlowConfig, device: torch.device) -> TrainData:
     from trainers.data.latents import VaeCodec, encode_images, load_vae
 
     codec = VaeCodec(load_vae(cfg.data.vae, cfg.data.vae_subfolder).to(device))
-    return TrainData(encode_images(codec, ds.images).cpu(), list(ds.captions), True, vocabulary, codec)
+    return TrainData(
+        encode_images(codec, ds.images).cpu(), list(ds.captions), True, vocabulary, codec
+    )
 
 
 class BatchOrder:
@@ -186,23 +192,34 @@ class FlowTrainer:
         self.device = dist_.device
         self.stop_requested = False
         if cfg.train.batch_size % dist_.world:
-            raise ConfigError(f"train.batch_size {cfg.train.batch_size} is not divisible by {dist_.world} ranks")
+            raise ConfigError(
+                f"train.batch_size {cfg.train.batch_size} is not divisible by {dist_.world} ranks"
+            )
         torch.manual_seed(cfg.seed)
         self.data = load_data(cfg, self.device)
         self.shift = resolve_shift(cfg.timesteps, cfg.data.resolution)
         text_encoder = build_text_encoder(cfg.text, self.data.vocabulary).to(self.device)
         c, h, _ = self.data.sample_shape
         denoiser = build_denoiser(
-            cfg.model.backbone, cfg.model.preset, sample_size=h, channels=c,
-            text_dim=text_encoder.dim, pooled_dim=text_encoder.pooled_dim, overrides=cfg.model.overrides,
-        )  # fmt: skip
+            cfg.model.backbone,
+            cfg.model.preset,
+            sample_size=h,
+            channels=c,
+            text_dim=text_encoder.dim,
+            pooled_dim=text_encoder.pooled_dim,
+            overrides=cfg.model.overrides,
+        )
         self.net = FlowNet(denoiser, text_encoder).to(self.device)
         self.ema = EMAModel(self.net.parameters(), decay=cfg.train.ema_decay)
         self.ema_net = copy.deepcopy(self.net).requires_grad_(False).eval()
         params = [p for p in self.net.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay)
+        self.opt = torch.optim.AdamW(
+            params, lr=cfg.train.lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay
+        )
         warmup = cfg.train.warmup_steps
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+        )
         self.order = BatchOrder(len(self.data.x), cfg.train.batch_size, cfg.seed)
         self.model = self._wrap(self.net)
         self.step = 0
@@ -248,8 +265,9 @@ class FlowTrainer:
             return False
         if ckpt["config_hash"] != self.cfg.hash():
             raise ConfigError(
-                f"{self.run.checkpoint} was written by a different config (hash {ckpt['config_hash']}, "
-                f"this one is {self.cfg.hash()}); use a new --run-dir or delete the old run directory"
+                f"{self.run.checkpoint} was written by a different config "
+                f"(hash {ckpt['config_hash']}, this one is {self.cfg.hash()}); "
+                "use a new --run-dir or delete the old run directory"
             )
         self.net.load_state_dict(ckpt["net"])
         self.ema.load_state_dict(ckpt["ema"])
@@ -269,9 +287,18 @@ class FlowTrainer:
         idx = self.order.indices(self.step, self.dist.rank, self.dist.world)
         x0 = self.data.batch(idx, self.device)
         drop = torch.rand(len(idx), generator=gen) < cfg.text.cfg_dropout
-        captions = ["" if d else self.data.captions[i] for i, d in zip(idx.tolist(), drop.tolist(), strict=True)]
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
-            out = flow_matching_loss(lambda x, t, _: self.model(x, t, captions), x0, None, cfg.timesteps, self.shift, gen)  # type: ignore[arg-type]
+        captions = [
+            "" if d else self.data.captions[i]
+            for i, d in zip(idx.tolist(), drop.tolist(), strict=True)
+        ]
+        with torch.autocast(
+            self.device.type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
+        ):
+            out = flow_matching_loss(
+                lambda x, t, _: self.model(x, t, captions), x0, None, cfg.timesteps, self.shift, gen
+            )  # type: ignore[arg-type]
         loss = out.loss
         reduced = self._all_reduce_mean(loss.detach().float())
         if not math.isfinite(reduced):
@@ -320,16 +347,28 @@ class FlowTrainer:
         if self.evaluator is None:
             self.evaluator = ShapesEvaluator(self.cfg, self.device)
         net = self.ema_model()
-        values = self.evaluator.run(self._generator_fn(net, self.cfg.eval.solver, self.cfg.eval.steps, self.cfg.eval.guidance))
+        values = self.evaluator.run(
+            self._generator_fn(
+                net, self.cfg.eval.solver, self.cfg.eval.steps, self.cfg.eval.guidance
+            )
+        )
         self.run.log_metrics(self.step, values)
         return values
 
     def _generator_fn(self, net: FlowNet, solver: str, steps: int, guidance: float):
         def gen(prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
             return generate_images(
-                net.denoiser, net.text_encoder, prompts, seeds, self.data.sample_shape,
-                steps=steps, solver=solver, guidance=guidance, shift=self.sample_shift, vae=self.data.vae,
-            )  # fmt: skip
+                net.denoiser,
+                net.text_encoder,
+                prompts,
+                seeds,
+                self.data.sample_shape,
+                steps=steps,
+                solver=solver,
+                guidance=guidance,
+                shift=self.sample_shift,
+                vae=self.data.vae,
+            )
 
         return gen
 
@@ -348,8 +387,14 @@ class FlowTrainer:
         images = self._generator_fn(self.ema_model(), s.solver, s.steps, s.guidance)(
             [p for _, p, _ in pairs], [seed for _, _, seed in pairs]
         )
-        meta = {"step": self.step, "nfe": solver_nfe(s.solver, s.steps), "cfg": s.guidance,
-                "solver": s.solver, "steps": s.steps, "shift": self.sample_shift}  # fmt: skip
+        meta = {
+            "step": self.step,
+            "nfe": solver_nfe(s.solver, s.steps),
+            "cfg": s.guidance,
+            "solver": s.solver,
+            "steps": s.steps,
+            "shift": self.sample_shift,
+        }
         write_samples(self.run, tag, pairs, images, meta)
 
     # -- export -------------------------------------------------------------------------------
@@ -387,8 +432,15 @@ class FlowTrainer:
                     elapsed = time.perf_counter() - window_t0
                     ips = window_n * cfg.batch_size / max(elapsed, 1e-9)
                     if self.dist.main:
-                        self.run.log_metrics(self.step, {"train/loss": window_loss / window_n, "train/images_per_s": ips,
-                                                         "train/lr": self.sched.get_last_lr()[0], "train/grad_norm": grad_norm})  # fmt: skip
+                        self.run.log_metrics(
+                            self.step,
+                            {
+                                "train/loss": window_loss / window_n,
+                                "train/images_per_s": ips,
+                                "train/lr": self.sched.get_last_lr()[0],
+                                "train/grad_norm": grad_norm,
+                            },
+                        )
                     progress.set_rate(ips)
                     progress.log_line(self.step, window_loss / window_n, ips)
                     window_loss, window_n = 0.0, 0
@@ -432,11 +484,14 @@ class FlowTrainer:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m trainers.flow",
-        description="Train a text-to-image rectified-flow model; writes the run directory (see DESIGN.md).",
-        epilog="example: python -m trainers.flow --config studies/configs/tiny.json --run-dir runs/tiny",
+        description="Train a text-to-image rectified-flow model and write its run directory.",
+        epilog="example: python -m trainers.flow "
+        "--config studies/configs/shapes-tiny.json --run-dir runs/tiny",
     )
     p.add_argument("--config", required=True, help="JSON trainer config (see trainers/config.py)")
-    p.add_argument("--run-dir", required=True, help="run directory; an existing checkpoint there is resumed")
+    p.add_argument(
+        "--run-dir", required=True, help="run directory; an existing checkpoint there is resumed"
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return p.parse_args(argv)
 
@@ -467,8 +522,11 @@ class Session:
                 run.clear_status()
                 n = count_parameters(trainer.net.denoiser)
                 what = f"resuming at step {trainer.step}" if resumed else "starting"
-                print(f"{what}: {cfg.model.backbone}/{cfg.model.preset} {n / 1e6:.2f}M params, "
-                      f"shift {trainer.shift:.3f}, device {dist_.device}, world {dist_.world}", flush=True)  # fmt: skip
+                print(
+                    f"{what}: {cfg.model.backbone}/{cfg.model.preset} {n / 1e6:.2f}M params, "
+                    f"shift {trainer.shift:.3f}, device {dist_.device}, world {dist_.world}",
+                    flush=True,
+                )
             trainer.fit()
             summary = trainer.finish()
             if dist_.main:
@@ -478,7 +536,9 @@ class Session:
             if self.trainer is not None:
                 self.trainer.save_checkpoint()
             if dist_.main:
-                run.write_status("stopped", self.step, "stopped by signal; rerun the same command to resume")
+                run.write_status(
+                    "stopped", self.step, "stopped by signal; rerun the same command to resume"
+                )
                 print(f"stopped at step {self.step}; checkpoint saved", flush=True)
             return EXIT_OK
         except NonFiniteLoss as err:
@@ -490,7 +550,9 @@ class Session:
         except Exception as err:
             traceback.print_exc()
             oom = isinstance(err, torch.OutOfMemoryError)
-            return self.fail(f"{'out of memory: ' if oom else ''}{type(err).__name__}: {err}", EXIT_FAILED)
+            return self.fail(
+                f"{'out of memory: ' if oom else ''}{type(err).__name__}: {err}", EXIT_FAILED
+            )
 
     def fail(self, reason: str, code: int) -> int:
         print(f"error: {reason}", file=sys.stderr, flush=True)
@@ -528,7 +590,8 @@ def _check_config_matches(cfg: FlowConfig, run: RunDir, dist_: Dist) -> None:
     existing = run.read_config()
     if existing is not None and existing.get("config_hash") not in (None, cfg.hash()):
         raise ConfigError(
-            f"{run.config} holds a different config (hash {existing.get('config_hash')}, this one is "
+            f"{run.config} holds a different config "
+            f"(hash {existing.get('config_hash')}, this one is "
             f"{cfg.hash()}); use a new --run-dir, or delete the old run directory"
         )
     if dist_.main and existing is None:

@@ -11,7 +11,9 @@ from trainers.flow import flow_matching_loss, initial_noise, sample, solver_nfe
 from trainers.text import TextEmbeddings
 from trainers.timesteps import sampling_schedule
 
-TEXT = TextEmbeddings(tokens=torch.zeros(4, 1, 2), pooled=torch.zeros(4, 2), mask=torch.ones(4, 1, dtype=torch.bool))
+TEXT = TextEmbeddings(
+    tokens=torch.zeros(4, 1, 2), pooled=torch.zeros(4, 2), mask=torch.ones(4, 1, dtype=torch.bool)
+)
 
 
 def _oracle(x_star: torch.Tensor):
@@ -26,7 +28,9 @@ def _oracle(x_star: torch.Tensor):
 
 def test_loss_is_zero_for_the_exact_velocity() -> None:
     x_star = torch.randn(1, 3, 4, 4).expand(4, -1, -1, -1)
-    out = flow_matching_loss(_oracle(x_star), x_star, TEXT, TimestepConfig(), 1.0, torch.Generator().manual_seed(0))
+    out = flow_matching_loss(
+        _oracle(x_star), x_star, TEXT, TimestepConfig(), 1.0, torch.Generator().manual_seed(0)
+    )
     assert out.loss.item() < 1e-9
 
 
@@ -98,8 +102,14 @@ def test_euler_matches_diffusers_flow_match_scheduler() -> None:
 
 
 def test_guidance_combines_cond_and_uncond() -> None:
-    cond = TextEmbeddings(tokens=torch.ones(2, 1, 1), pooled=torch.ones(2, 1), mask=torch.ones(2, 1, dtype=torch.bool))
-    uncond = TextEmbeddings(tokens=torch.zeros(1, 1, 1), pooled=torch.zeros(1, 1), mask=torch.ones(1, 1, dtype=torch.bool))
+    cond = TextEmbeddings(
+        tokens=torch.ones(2, 1, 1), pooled=torch.ones(2, 1), mask=torch.ones(2, 1, dtype=torch.bool)
+    )
+    uncond = TextEmbeddings(
+        tokens=torch.zeros(1, 1, 1),
+        pooled=torch.zeros(1, 1),
+        mask=torch.ones(1, 1, dtype=torch.bool),
+    )
 
     def model(x: torch.Tensor, t: torch.Tensor, text: TextEmbeddings) -> torch.Tensor:
         return torch.ones_like(x) * (1 + 2 * text.pooled.view(-1, 1, 1, 1))  # uncond 1, cond 3

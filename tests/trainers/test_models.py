@@ -18,7 +18,9 @@ def _text(b: int, length: int = 5, dim: int = 16) -> TextEmbeddings:
 @pytest.mark.parametrize("backbone", list(BACKBONES))
 def test_build_forward_save_load(backbone: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = build_denoiser(backbone, "micro", sample_size=16, channels=3, text_dim=16, pooled_dim=16)
+    model = build_denoiser(
+        backbone, "micro", sample_size=16, channels=3, text_dim=16, pooled_dim=16
+    )
     x, t, text = torch.randn(2, 3, 16, 16), torch.tensor([0.2, 0.9]), _text(2)
     out = model(x, t, text)
     assert out.shape == x.shape
@@ -35,7 +37,9 @@ def test_preset_sizes_follow_dit_widths() -> None:
     counts = {}
     with torch.device("meta"):
         for name in ("tiny", "dit-b", "dit-xl"):
-            m = build_denoiser("sd3", name, sample_size=32, channels=4, text_dim=768, pooled_dim=768)
+            m = build_denoiser(
+                "sd3", name, sample_size=32, channels=4, text_dim=768, pooled_dim=768
+            )
             counts[name] = count_parameters(m)
     assert 1e6 < counts["tiny"] < 5e6
     # DiT-B is 130M and DiT-XL 675M; SD3 joint blocks add a text stream of about the same size.
@@ -50,12 +54,27 @@ def test_unknown_names_suggest_the_closest() -> None:
     with pytest.raises(ValueError, match="patch size"):
         build_denoiser("sd3", "tiny", sample_size=30, channels=3, text_dim=8, pooled_dim=8)
     with pytest.raises(ValueError, match="overrides"):
-        build_denoiser("sd3", "micro", sample_size=16, channels=3, text_dim=8, pooled_dim=8, overrides={"nope": 1})
+        build_denoiser(
+            "sd3",
+            "micro",
+            sample_size=16,
+            channels=3,
+            text_dim=8,
+            pooled_dim=8,
+            overrides={"nope": 1},
+        )
 
 
 def test_size_overrides_replace_the_preset_fields() -> None:
-    m = build_denoiser("sd3", "micro", sample_size=16, channels=3, text_dim=8, pooled_dim=8,
-                       overrides={"patch_size": 2, "num_layers": 3})  # fmt: skip
+    m = build_denoiser(
+        "sd3",
+        "micro",
+        sample_size=16,
+        channels=3,
+        text_dim=8,
+        pooled_dim=8,
+        overrides={"patch_size": 2, "num_layers": 3},
+    )
     assert m.transformer.config.patch_size == 2 and m.transformer.config.num_layers == 3
     assert m.transformer.config.pos_embed_max_size == 8  # 16 / 2, not 16 / 4
     out = m(torch.randn(1, 3, 16, 16), torch.tensor([0.5]), _text(1, dim=8))

@@ -24,14 +24,19 @@ def _mode_cdf(scale: float):
         return 1 - u - scale * (math.cos(math.pi * u / 2) ** 2 - 1 + u)
 
     def cdf(x: np.ndarray) -> np.ndarray:
-        return np.array([1 - optimize.brentq(lambda u, xi=xi: f(u) - xi, 0.0, 1.0) for xi in np.atleast_1d(x)])
+        return np.array(
+            [1 - optimize.brentq(lambda u, xi=xi: f(u) - xi, 0.0, 1.0) for xi in np.atleast_1d(x)]
+        )
 
     return cdf
 
 
 CASES = {
     "uniform": (TimestepConfig(sampler="uniform"), lambda x: np.clip(x, 0, 1)),
-    "logit_normal(0,1)": (TimestepConfig(sampler="logit_normal"), lambda x: stats.norm.cdf(special.logit(x))),
+    "logit_normal(0,1)": (
+        TimestepConfig(sampler="logit_normal"),
+        lambda x: stats.norm.cdf(special.logit(x)),
+    ),
     "logit_normal(-0.5,0.6)": (
         TimestepConfig(sampler="logit_normal", logit_mean=-0.5, logit_std=0.6),
         lambda x: stats.norm.cdf(special.logit(x), loc=-0.5, scale=0.6),
@@ -51,7 +56,9 @@ def test_sampler_matches_closed_form(name: str) -> None:
     if name.startswith("mode"):  # brentq per point is slow: test on a subsample
         draws = draws[:5000]
     result = stats.kstest(draws, cdf)
-    assert result.pvalue > 1e-3, f"{name}: KS statistic {result.statistic:.4f}, p={result.pvalue:.2e}"
+    assert result.pvalue > 1e-3, (
+        f"{name}: KS statistic {result.statistic:.4f}, p={result.pvalue:.2e}"
+    )
 
 
 def test_ks_detects_a_wrong_density() -> None:

@@ -15,7 +15,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.trainers.trainer_utils import REPO, config, env, run_trainer, status, trainer_cmd, write_config
+from tests.trainers.trainer_utils import (
+    REPO,
+    config,
+    env,
+    run_trainer,
+    status,
+    trainer_cmd,
+    write_config,
+)
 from trainers.rundir import read_jsonl
 
 pytestmark = pytest.mark.slow
@@ -44,15 +52,33 @@ def test_run_directory_contract(tmp_path: Path) -> None:
     metrics = read_jsonl(run / "metrics.jsonl")
     assert set(metrics[0]) == {"step", "name", "value", "time"}
     names = {m["name"] for m in metrics}
-    assert {"train/loss", "train/images_per_s", "domain_fid", "attr_acc_mean", "heldout_attr_acc_mean"} <= names
-    assert sorted({m["step"] for m in metrics if m["name"] == "train/loss"}) == [5, 10, 15, 20, 25, 30]
+    assert {
+        "train/loss",
+        "train/images_per_s",
+        "domain_fid",
+        "attr_acc_mean",
+        "heldout_attr_acc_mean",
+    } <= names
+    assert sorted({m["step"] for m in metrics if m["name"] == "train/loss"}) == [
+        5,
+        10,
+        15,
+        20,
+        25,
+        30,
+    ]
     manifest = read_jsonl(run / "samples" / "manifest.jsonl")
     final = [r for r in manifest if r["tag"] == "final"]
     assert len(final) == 8  # 4 prompts x 2 seeds
     assert {"prompt_id", "prompt", "seed", "nfe", "cfg", "path"} <= set(final[0])
     assert all((run / "samples" / r["path"]).is_file() for r in final)
     assert (run / "checkpoints" / "latest.pt").is_file()
-    for part in ("transformer/config.json", "text_encoder", "scheduler/scheduler_config.json", "harness.json"):
+    for part in (
+        "transformer/config.json",
+        "text_encoder",
+        "scheduler/scheduler_config.json",
+        "harness.json",
+    ):
         assert (run / "final" / part).exists(), part
     sched = json.loads((run / "final" / "scheduler" / "scheduler_config.json").read_text())
     assert sched["shift"] == 1.0
@@ -70,8 +96,12 @@ def test_export_round_trip_reproduces_samples(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     model = load_export(run / "final")
     final = [r for r in read_jsonl(run / "samples" / "manifest.jsonl") if r["tag"] == "final"]
-    images = model.generate([r["prompt"] for r in final], [r["seed"] for r in final], steps=4, guidance=3.0)
-    saved = torch.stack([torch.from_numpy(np.array(Image.open(run / "samples" / r["path"]))) for r in final])
+    images = model.generate(
+        [r["prompt"] for r in final], [r["seed"] for r in final], steps=4, guidance=3.0
+    )
+    saved = torch.stack(
+        [torch.from_numpy(np.array(Image.open(run / "samples" / r["path"]))) for r in final]
+    )
     regenerated = images.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
     assert (saved.int() - regenerated.int()).abs().max() <= 1
 
@@ -85,24 +115,41 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
     run = tmp_path / "killed"
     run.mkdir()
     cfg_path = write_config(tmp_path / "killed.json", cfg)
-    child = subprocess.Popen(trainer_cmd(cfg_path, run), env=env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = subprocess.Popen(
+        trainer_cmd(cfg_path, run),
+        env=env(),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     while time.time() < deadline and not (run / "checkpoints" / "latest.pt").exists():
         time.sleep(0.02)
     child.send_signal(signal.SIGKILL)
     child.wait()
-    assert status(run) is None, "the run finished before it could be killed; the test proves nothing"
+    assert status(run) is None, (
+        "the run finished before it could be killed; the test proves nothing"
+    )
     killed_at = torch.load(run / "checkpoints" / "latest.pt", weights_only=False)["step"]
     assert 0 < killed_at < 120
 
-    proc = subprocess.run(trainer_cmd(cfg_path, run), env=env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        trainer_cmd(cfg_path, run), env=env(), cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resuming at step {killed_at}" in proc.stdout
     a, b = final_weights(reference), final_weights(run)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     # Metrics of the resumed run have no duplicate steps and match the reference.
-    loss = lambda r: [(m["step"], m["value"]) for m in read_jsonl(r / "metrics.jsonl") if m["name"] == "train/loss"]  # noqa: E731
+
+    def loss(r: Path) -> list[tuple[int, float]]:
+        return [
+            (m["step"], m["value"])
+            for m in read_jsonl(r / "metrics.jsonl")
+            if m["name"] == "train/loss"
+        ]
+
     assert [s for s, _ in loss(run)] == [s for s, _ in loss(reference)]
     for (_, x), (_, y) in zip(loss(run), loss(reference), strict=True):
         assert x == pytest.approx(y, rel=1e-4)
@@ -113,12 +160,21 @@ def test_sigterm_checkpoints_and_stops_then_resumes(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()
     cfg_path = write_config(tmp_path / "run.json", cfg)
-    child = subprocess.Popen(trainer_cmd(cfg_path, run), env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        trainer_cmd(cfg_path, run),
+        env=env(),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
-    while time.time() < deadline and not any(m["step"] >= 10 for m in read_jsonl(run / "metrics.jsonl")):
+    while time.time() < deadline and not any(
+        m["step"] >= 10 for m in read_jsonl(run / "metrics.jsonl")
+    ):
         time.sleep(0.05)
     child.send_signal(signal.SIGTERM)
-    out, err = child.communicate(timeout=120)
+    _, err = child.communicate(timeout=120)
     assert child.returncode == 0, err[-3000:]
     st = status(run)
     assert st["status"] == "stopped", st
@@ -133,7 +189,7 @@ def test_nan_loss_fails_with_step_and_reason(tmp_path: Path) -> None:
     assert proc.returncode == 1
     st = status(run)
     assert st["status"] == "failed" and "non-finite loss" in st["reason"]
-    assert st["step"] >= 1 and f"step {st['step']}" in st["reason"] or "at step" in st["reason"]
+    assert (st["step"] >= 1 and f"step {st['step']}" in st["reason"]) or "at step" in st["reason"]
 
 
 def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:
@@ -163,8 +219,22 @@ def test_ddp_two_ranks_agree_on_weights(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()
     cfg_path = write_config(tmp_path / "ddp.json", config(train={"steps": 12, "batch_size": 8}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "trainers.flow", "--config", str(cfg_path), "--run-dir", str(run), "--device", "cpu"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "trainers.flow",
+        "--config",
+        str(cfg_path),
+        "--run-dir",
+        str(run),
+        "--device",
+        "cpu",
+    ]
     proc = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     st = status(run)
@@ -191,11 +261,21 @@ def test_image_folder_in_vae_latent_space(tmp_path: Path) -> None:
         lines.append(json.dumps({"file_name": f"{i}.png", "text": f"noise picture number {i % 3}"}))
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4)  # fmt: skip
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+    )
     vae.save_pretrained(tmp_path / "vae")
     cfg = config(
-        data={"kind": "folder", "path": str(folder), "resolution": 16, "vae": str(tmp_path / "vae")},
+        data={
+            "kind": "folder",
+            "path": str(folder),
+            "resolution": 16,
+            "vae": str(tmp_path / "vae"),
+        },
         text={"encoder": "minilm", "max_length": 8},
         model={"backbone": "sd3", "preset": "micro", "overrides": {"patch_size": 2}},
         train={"steps": 6, "batch_size": 4, "log_every": 3},
@@ -210,4 +290,6 @@ def test_image_folder_in_vae_latent_space(tmp_path: Path) -> None:
     images = model.generate(["noise picture number 1"], [0], steps=2)
     assert images.shape == (1, 3, 16, 16)
     names = {m["name"] for m in read_jsonl(run / "metrics.jsonl")}
-    assert "train/loss" in names and "domain_fid" not in names  # no domain evaluator off the shapes data
+    assert (
+        "train/loss" in names and "domain_fid" not in names
+    )  # no domain evaluator off the shapes data

@@ -19,7 +19,14 @@ TINY: dict[str, Any] = {
     "data": {"kind": "shapes", "resolution": 16, "size": 256, "seed": 0},
     "text": {"encoder": "vocab", "width": 32, "layers": 1, "cfg_dropout": 0.1},
     "timesteps": {"sampler": "logit_normal"},
-    "train": {"steps": 30, "batch_size": 8, "lr": 1e-3, "warmup_steps": 5, "log_every": 5, "checkpoint_every": 10},
+    "train": {
+        "steps": 30,
+        "batch_size": 8,
+        "lr": 1e-3,
+        "warmup_steps": 5,
+        "log_every": 5,
+        "checkpoint_every": 10,
+    },
     "eval": {"every": 1000, "num_images": 8, "reference_images": 64, "steps": 4},
     "sample": {"steps": 4, "num_prompts": 4, "seeds": [0, 1]},
 }
@@ -42,7 +49,15 @@ def write_config(path: Path, cfg: dict[str, Any]) -> Path:
 
 
 def trainer_cmd(config_path: Path, run_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "trainers.flow", "--config", str(config_path), "--run-dir", str(run_dir)]
+    return [
+        sys.executable,
+        "-m",
+        "trainers.flow",
+        "--config",
+        str(config_path),
+        "--run-dir",
+        str(run_dir),
+    ]
 
 
 def env() -> dict[str, str]:
@@ -52,10 +67,19 @@ def env() -> dict[str, str]:
     return e
 
 
-def run_trainer(cfg: dict[str, Any], run_dir: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_trainer(
+    cfg: dict[str, Any], run_dir: Path, timeout: float = 300
+) -> subprocess.CompletedProcess:
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = write_config(run_dir.parent / f"{run_dir.name}.json", cfg)
-    return subprocess.run(trainer_cmd(cfg_path, run_dir), env=env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        trainer_cmd(cfg_path, run_dir),
+        env=env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def status(run_dir: Path) -> dict[str, Any] | None:

@@ -137,7 +137,9 @@ def render(attrs: ShapeAttrs, resolution: int, rng: np.random.Generator) -> np.n
     return np.asarray(img, dtype=np.uint8)
 
 
-def render_item(seed: int, split: Split, index: int, resolution: int) -> tuple[np.ndarray, ShapeAttrs]:
+def render_item(
+    seed: int, split: Split, index: int, resolution: int
+) -> tuple[np.ndarray, ShapeAttrs]:
     attrs = sample_attrs(seed, split, index)
     # The render stream is separate from the attribute stream so that adding an attribute
     # value later does not silently shift every image's jitter.
@@ -157,12 +159,16 @@ def caption_vocabulary() -> list[str]:
 class ShapesDataset(torch.utils.data.Dataset):
     """``size`` items of one split, pre-rendered to a uint8 tensor (a few MB at 32x32)."""
 
-    def __init__(self, seed: int = 0, split: Split = "train", size: int = 10_000, resolution: int = 32):
+    def __init__(
+        self, seed: int = 0, split: Split = "train", size: int = 10_000, resolution: int = 32
+    ):
         if size <= 0:
             raise ValueError(f"data.size must be positive, got {size}")
         self.seed, self.split, self.resolution = seed, split, resolution
         items = [render_item(seed, split, i, resolution) for i in range(size)]
-        self.images = torch.from_numpy(np.stack([im for im, _ in items])).permute(0, 3, 1, 2).contiguous()
+        self.images = (
+            torch.from_numpy(np.stack([im for im, _ in items])).permute(0, 3, 1, 2).contiguous()
+        )
         self.attrs = [a for _, a in items]
         self.captions = [a.caption for a in self.attrs]
         self.labels = torch.tensor([a.labels for a in self.attrs], dtype=torch.long)
@@ -171,7 +177,11 @@ class ShapesDataset(torch.utils.data.Dataset):
         return len(self.attrs)
 
     def __getitem__(self, i: int) -> dict:
-        return {"image": to_model_range(self.images[i]), "caption": self.captions[i], "labels": self.labels[i]}
+        return {
+            "image": to_model_range(self.images[i]),
+            "caption": self.captions[i],
+            "labels": self.labels[i],
+        }
 
     def fingerprint(self) -> str:
         """Content hash of the rendered pixels and captions (used in cache keys and tests)."""
