@@ -1,6 +1,7 @@
 """How fast the embedded default learns: attribute accuracy and domain FID against wall time.
 
-    uv run python bench/convergence.py --config studies/configs/shapes-tiny.json --out bench/out/tiny
+    uv run python bench/convergence.py --config studies/configs/shapes-tiny.json \
+        --out bench/out/convergence
 
 Runs the real trainer (a subprocess, as the harness would) and prints, per evaluation, the step,
 the wall-clock seconds since launch, the prompt-following accuracy on seen and held-out
@@ -28,14 +29,26 @@ CHANCE = sum(1 / len(v) for v in ATTRIBUTES.values()) / len(ATTRIBUTES)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", type=Path, default=REPO / "studies/configs/shapes-tiny.json")
     p.add_argument("--out", type=Path, default=REPO / "bench/out/convergence")
-    p.add_argument("--threshold", type=float, default=0.6, help="accuracy counted as well above chance")
+    p.add_argument(
+        "--threshold", type=float, default=0.6, help="accuracy that counts as well above chance"
+    )
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    cmd = [sys.executable, "-m", "trainers.flow", "--config", str(args.config), "--run-dir", str(args.out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "trainers.flow",
+        "--config",
+        str(args.config),
+        "--run-dir",
+        str(args.out),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     if proc.returncode != 0:
         raise SystemExit(f"trainer exited with {proc.returncode}; see {args.out}/stderr.log")
@@ -51,7 +64,15 @@ def report(run_dir: Path, t0: float, threshold: float) -> None:
         times[m["step"]] = m["time"]
     rows = [(s, v) for s, v in sorted(by_step.items()) if "attr_acc_mean" in v]
     print(f"chance attr_acc_mean = {CHANCE:.3f}")
-    print("| step | wall s | attr_acc_mean | attr_all_correct | heldout_attr_acc_mean | domain_fid |")
+    cols = [
+        "step",
+        "wall s",
+        "attr_acc_mean",
+        "attr_all_correct",
+        "heldout_attr_acc_mean",
+        "domain_fid",
+    ]
+    print("| " + " | ".join(cols) + " |")
     print("|---:|---:|---:|---:|---:|---:|")
     first = None
     for s, v in rows:
@@ -66,7 +87,8 @@ def report(run_dir: Path, t0: float, threshold: float) -> None:
     if ips:
         print(f"median training images/s: {sorted(ips)[len(ips) // 2]:.1f}")
     if first:
-        print(f"attr_acc_mean >= {threshold} first at step {first[0]}, {first[1]:.0f} s after launch")
+        step, wall = first
+        print(f"attr_acc_mean >= {threshold} first at step {step}, {wall:.0f} s after launch")
     else:
         print(f"attr_acc_mean never reached {threshold}")
     print(json.dumps({"run_dir": str(run_dir), "evaluations": len(rows)}))

@@ -29,15 +29,15 @@ class FlowLoss:
 
 
 def flow_matching_loss(
-    denoiser: Callable[[torch.Tensor, torch.Tensor, TextEmbeddings], torch.Tensor],
+    predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     x0: torch.Tensor,
-    text: TextEmbeddings,
     timesteps: TimestepConfig,
     shift: float,
     generator: torch.Generator | None = None,
 ) -> FlowLoss:
     """MSE between the predicted and the true velocity at sampled t.
 
+    predict: ``(x_t [B, C, H, W], t [B]) -> v``, the network with its conditioning bound.
     x0: [B, C, H, W] clean data. Noise and t are drawn on the CPU from ``generator`` and moved to
     x0's device, so the same generator state gives the same draws on any device.
     """
@@ -47,7 +47,7 @@ def flow_matching_loss(
     t, eps = t.to(x0.device), eps.to(x0.device, x0.dtype)
     tb = t.view(b, *([1] * (x0.dim() - 1)))
     x_t = (1.0 - tb) * x0 + tb * eps
-    pred = denoiser(x_t, t, text)
+    pred = predict(x_t, t)
     loss = torch.mean((pred.float() - (eps - x0).float()) ** 2)
     return FlowLoss(loss, t)
 

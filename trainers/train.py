@@ -109,6 +109,11 @@ class FlowNet(nn.Module):
     def text_encoder(self) -> nn.Module:
         return self.text if hasattr(self, "text") else self._frozen_text[0]
 
+    def ema_copy(self) -> FlowNet:
+        """A frozen copy for the EMA weights; a frozen text encoder is shared, not copied."""
+        text = self.text_encoder if not hasattr(self, "text") else copy.deepcopy(self.text)
+        return FlowNet(copy.deepcopy(self.denoiser), text).requires_grad_(False).eval()
+
     def encode(self, captions: Sequence[str]) -> TextEmbeddings:
         return self.text_encoder(list(captions))
 
@@ -211,7 +216,7 @@ class FlowTrainer:
         )
         self.net = FlowNet(denoiser, text_encoder).to(self.device)
         self.ema = EMAModel(self.net.parameters(), decay=cfg.train.ema_decay)
-        self.ema_net = copy.deepcopy(self.net).requires_grad_(False).eval()
+        self.ema_net = self.net.ema_copy()
         params = [p for p in self.net.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(
             params, lr=cfg.train.lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay
@@ -297,8 +302,8 @@ class FlowTrainer:
             enabled=self.autocast_dtype is not None,
         ):
             out = flow_matching_loss(
-                lambda x, t, _: self.model(x, t, captions), x0, None, cfg.timesteps, self.shift, gen
-            )  # type: ignore[arg-type]
+                lambda x, t: self.model(x, t, captions), x0, cfg.timesteps, self.shift, gen
+            )
         loss = out.loss
         reduced = self._all_reduce_mean(loss.detach().float())
         if not math.isfinite(reduced):
