@@ -17,28 +17,145 @@ study_app = typer.Typer(
 )
 app.add_typer(study_app, name="study")
 
-EXIT_NOT_BUILT = 3
+EXIT_INVALID = 2
+
+
+WorkdirOpt = Annotated[
+    Path, typer.Option("--workdir", help="where runs/, harness.duckdb and optuna.db live")
+]
+DEFAULT_WORKDIR = Path("work")
 
 
 @study_app.command("run")
 def study_run(
     file: Annotated[Path, typer.Argument(help="study YAML file, e.g. studies/timestep.yaml")],
+    trials: Annotated[
+        int | None, typer.Option("--trials", help="run this many trials instead of the file's")
+    ] = None,
+    workdir: WorkdirOpt = DEFAULT_WORKDIR,
 ) -> None:
-    """Run a study (not built yet: the study runner is the next issue).
+    """Run a study: Optuna proposes, a trainer process trains each trial, DuckDB records.
 
-    Until then, train one configuration by hand with the trainer:
+    Rerun the same command to resume: finished trials stay, interrupted ones resume from their
+    checkpoint. Ctrl-C stops the trainers cleanly (they checkpoint). Example:
 
-        uv run python -m trainers.flow --config studies/configs/shapes-tiny.json --run-dir runs/tiny
+        uv run harness study run studies/timestep.yaml --workdir work
     """
-    typer.echo(
-        f"The study runner is not built yet, so {file} cannot run. "
-        "Train one configuration by hand:\n"
-        "  uv run python -m trainers.flow --config studies/configs/shapes-tiny.json "
-        "--run-dir runs/tiny",
-        err=True,
+    from harness.report import ablation_markdown
+    from harness.runner import StudyRunner
+    from harness.spec import SpecError, load_study
+
+    try:
+        spec = load_study(file)
+    except SpecError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(EXIT_INVALID) from None
+    runner = StudyRunner(spec, workdir)
+    try:
+        study = runner.run(n_trials=trials)
+    except KeyboardInterrupt:
+        typer.echo("stopped; rerun the same command to resume", err=True)
+        raise typer.Exit(130) from None
+    typer.echo(ablation_markdown(study, spec.metrics, spec.directions))
+
+
+def _load(name: str, workdir: Path):
+    import optuna
+
+    from harness.runner import Workdir
+
+    url = Workdir(workdir).optuna_url
+    if not (workdir / "optuna.db").exists():
+        typer.echo(f"no studies in {workdir} (no optuna.db); pass --workdir", err=True)
+        raise typer.Exit(EXIT_INVALID)
+    try:
+        return optuna.load_study(study_name=name, storage=url)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(url)]
+        typer.echo(
+            f"no study {name!r} in {workdir}; studies there: {', '.join(names) or 'none'}", err=True
+        )
+        raise typer.Exit(EXIT_INVALID) from None
+
+
+@study_app.command("report")
+def study_report(
+    name: Annotated[str, typer.Argument(help="study name (the file's name: key)")],
+    workdir: WorkdirOpt = DEFAULT_WORKDIR,
+) -> None:
+    """Print the ablation table (Markdown): each swept choice with the objective and its 95% CI,
+    secondary metrics, parameter importances, the best trial and every trial's state."""
+    from harness.report import ablation_markdown
+    from harness.store import Store
+
+    study = _load(name, workdir)
+    rows = Store(workdir / "harness.duckdb").query(
+        "SELECT objectives, directions FROM studies WHERE name = ?", [name]
     )
-    raise typer.Exit(EXIT_NOT_BUILT)
+    metrics, directions = (
+        (list(rows[0]["objectives"]), list(rows[0]["directions"]))
+        if rows
+        else (["objective"], [d.name.lower() for d in study.directions])
+    )
+    typer.echo(ablation_markdown(study, metrics, directions))
+
+
+@study_app.command("status")
+def study_status(
+    name: Annotated[str, typer.Argument(help="study name")],
+    workdir: WorkdirOpt = DEFAULT_WORKDIR,
+) -> None:
+    """Trials by state, and the best value so far."""
+    study = _load(name, workdir)
+    states: dict[str, int] = {}
+    for t in study.trials:
+        states[t.state.name.lower()] = states.get(t.state.name.lower(), 0) + 1
+    typer.echo(f"{name}: " + ", ".join(f"{n} {s}" for s, n in sorted(states.items())))
+    done = [t for t in study.trials if t.values]
+    if done and len(study.directions) == 1:
+        typer.echo(
+            f"best: trial {study.best_trial.number} = {study.best_value:.4g} {study.best_params}"
+        )
+
+
+@study_app.command("list")
+def study_list(workdir: WorkdirOpt = DEFAULT_WORKDIR) -> None:
+    """The studies in a work directory."""
+    import optuna
+
+    from harness.runner import Workdir
+
+    if not (workdir / "optuna.db").exists():
+        typer.echo(f"no studies in {workdir}")
+        return
+    for s in optuna.get_all_study_summaries(Workdir(workdir).optuna_url):
+        typer.echo(f"{s.study_name}: {s.n_trials} trials")
+
+
+@study_app.command("check")
+def study_check(
+    file: Annotated[Path, typer.Argument(help="study YAML file, e.g. studies/timestep.yaml")],
+) -> None:
+    """Validate a study file and print its search space; runs nothing.
+
+    An invalid file lists every problem on stderr, each with its key path, and exits 2.
+    Example:
+
+        uv run harness study check studies/timestep.yaml
+    """
+    from harness.spec import SpecError, load_study
+
+    try:
+        spec = load_study(file)
+    except SpecError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(EXIT_INVALID) from None
+    typer.echo(spec.summary())
 
 
 def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # python -m harness.cli
     app()

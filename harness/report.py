@@ -1,0 +1,135 @@
+"""The ablation report of a study, as Markdown.
+
+For each swept choice: the finished trials with that value, the objective's mean with a 95%
+confidence interval (Student t over the trials with that value; a single trial has none), its
+best value, and the secondary metrics beside it. Then Optuna's parameter importances, the best
+trial and its parameters, and every trial with its state (failures with their reason).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from scipy import stats
+
+SECONDARY = ("attr_acc_mean", "heldout_attr_acc_mean", "train/loss")
+
+
+def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float | None]:
+    """Mean and the half-width of its Student-t confidence interval (None for n < 2)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, float(stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _cell(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean, half = mean_ci(values)
+    return f"{mean:.4g}" + (f" ± {half:.2g}" if half is not None else "")
+
+
+def ablation_markdown(
+    study: optuna.Study, metrics: Sequence[str], directions: Sequence[str]
+) -> str:
+    trials = study.get_trials(deepcopy=False)
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    objective = metrics[0]
+    lines = [f"# Study {study.study_name}", ""]
+    counts = {s: sum(t.state == s for t in trials) for s in TrialState}
+    lines.append(
+        f"{counts[TrialState.COMPLETE]} complete, {counts[TrialState.PRUNED]} pruned, "
+        f"{counts[TrialState.FAIL]} failed, {counts[TrialState.RUNNING]} running. "
+        f"Objective: {objective} ({directions[0]}); ± is a 95% t-interval over trials."
+    )
+    secondary = [m for m in SECONDARY if m != objective]
+    params = sorted({p for t in done for p in t.params})
+    for p in params:
+        values = sorted(
+            {t.params[p] for t in done if p in t.params}, key=lambda v: (str(type(v)), v)
+        )
+        lines += ["", f"## {p}", ""]
+        header = ["value", "trials", objective, "best", *secondary]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for v in values:
+            group = [t for t in done if t.params.get(p) == v]
+            obj = [t.values[0] for t in group]
+            best = min(obj) if directions[0] == "minimize" else max(obj)
+            sec = [
+                _cell(
+                    [
+                        t.user_attrs["final_metrics"][m]
+                        for t in group
+                        if m in t.user_attrs.get("final_metrics", {})
+                    ]
+                )
+                for m in secondary
+            ]
+            lines.append(
+                "| " + " | ".join([_fmt(v), str(len(group)), _cell(obj), _fmt(best), *sec]) + " |"
+            )
+    lines += _importances(study, done)
+    lines += _best(study, done, metrics)
+    lines += _all_trials(trials, metrics)
+    return "\n".join(lines) + "\n"
+
+
+def _importances(study: optuna.Study, done: list) -> list[str]:
+    if len(done) < 3:
+        return ["", "Parameter importances need at least 3 complete trials."]
+    try:
+        imp = optuna.importance.get_param_importances(study)
+    except (RuntimeError, ValueError) as err:
+        return ["", f"Parameter importances unavailable: {err}"]
+    out = ["", "## Parameter importances", "", "| parameter | importance |", "|---|---|"]
+    out += [f"| {k} | {v:.3f} |" for k, v in imp.items()]
+    return out
+
+
+def _best(study: optuna.Study, done: list, metrics: Sequence[str]) -> list[str]:
+    if not done:
+        return ["", "No trial has completed yet."]
+    if len(metrics) > 1:
+        best = study.best_trials
+        return ["", "## Pareto front", ""] + [
+            f"- trial {t.number}: {t.values} {t.params}" for t in best
+        ]
+    t = study.best_trial
+    out = ["", f"## Best trial: {t.number} ({metrics[0]} = {_fmt(t.values[0])})", ""]
+    out += [f"- `{k}`: {_fmt(v)}" for k, v in t.params.items()]
+    if "run_dir" in t.user_attrs:
+        out.append(f"- run directory: `{t.user_attrs['run_dir']}` (samples in `samples/final/`)")
+    return out
+
+
+def _all_trials(trials: list, metrics: Sequence[str]) -> list[str]:
+    out = [
+        "",
+        "## Trials",
+        "",
+        "| trial | state | " + " | ".join(metrics) + " | parameters | note |",
+    ]
+    out.append("|" + "---|" * (4 + len(metrics)))
+    for t in trials:
+        vals = [_fmt(v) for v in (t.values or [])] or ["-"] * len(metrics)
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in t.params.items())
+        note = str(t.user_attrs.get("error", "")).replace("|", "/").replace("\n", " ")[:120]
+        out.append(
+            f"| {t.number} | {t.state.name.lower()} | "
+            + " | ".join(vals)
+            + f" | {params} | {note} |"
+        )
+    return out

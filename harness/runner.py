@@ -1,0 +1,439 @@
+"""The study runner: Optuna proposes, trainer processes train, the store records.
+
+One runner process owns a set of device slots and runs one worker thread per slot. Each worker
+asks Optuna for a trial, resolves the trainer config, launches the trainer in the trial's run
+directory, reports intermediate values (pruning with SIGTERM), records the outcome and ingests
+the run into DuckDB.
+
+Trials are grouped by ``run_number``: the trial number whose run directory they use. A trial
+that was interrupted (Ctrl-C, or a runner that died) is re-queued with the same parameters and
+the same ``run_number``, so its retry resumes the trainer's checkpoint in the same directory and
+counts once towards ``trials``.
+
+Ask/tell is used rather than ``study.optimize`` so that the decision to start another trial
+and the ``ask`` happen under one lock: with several slots the study runs exactly ``trials``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+from rich.console import Console
+
+from harness.launch import Outcome, TrainerProcess
+from harness.spec import StudySpec
+from harness.store import Store, StoreError
+from trainers.rundir import RunDir
+
+HEARTBEAT_S = 10
+GRACE_S = 60
+RUNNER_FILE = "runner.json"
+
+
+@dataclass(frozen=True)
+class Workdir:
+    root: Path
+
+    @property
+    def store(self) -> Path:
+        return self.root / "harness.duckdb"
+
+    @property
+    def optuna_url(self) -> str:
+        return f"sqlite:///{(self.root / 'optuna.db').resolve()}"
+
+    def run_dir(self, study: str, number: int) -> Path:
+        return self.root / "runs" / study / f"{number:04d}"
+
+
+def make_storage(url: str) -> RDBStorage:
+    """Optuna RDB storage with heartbeats: a trial whose runner died is failed and re-queued."""
+    return RDBStorage(
+        url,
+        heartbeat_interval=HEARTBEAT_S,
+        grace_period=GRACE_S,
+        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+    )
+
+
+def device_slots(spec: StudySpec) -> list[list[str] | None]:
+    """One entry per concurrently running trial: a list of GPU ids, or None for CPU."""
+    import torch
+
+    res = spec.resources
+    if res.devices == "cpu" or (res.devices == "auto" and not torch.cuda.is_available()):
+        return [None] * res.trials_per_device
+    gpus = [
+        str(i) for i in (range(torch.cuda.device_count()) if res.devices == "auto" else res.devices)
+    ]
+    per = res.gpus_per_trial
+    groups = [gpus[i : i + per] for i in range(0, len(gpus) - per + 1, per)]
+    if not groups:
+        raise ValueError(f"resources.gpus_per_trial={per} but only {len(gpus)} GPUs: {gpus}")
+    return [g for g in groups for _ in range(res.trials_per_device)]
+
+
+class TrialFailed(RuntimeError):
+    pass
+
+
+class StudyRunner:
+    def __init__(self, spec: StudySpec, workdir: Path, console: Console | None = None):
+        self.spec = spec
+        self.work = Workdir(workdir)
+        self.work.root.mkdir(parents=True, exist_ok=True)
+        self.console = console or Console(stderr=True)
+        self.store = Store(self.work.store)
+        self.storage = make_storage(spec.optuna.storage or self.work.optuna_url)
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.live: dict[int, TrainerProcess] = {}
+        self.errors: list[BaseException] = []
+        self.host = socket.gethostname()
+
+    # -- study --------------------------------------------------------------------------------
+    def open_study(self) -> optuna.Study:
+        spec = self.spec
+        study = optuna.create_study(
+            study_name=spec.name,
+            storage=self.storage,
+            sampler=spec.make_sampler(),
+            pruner=spec.make_pruner(),
+            directions=list(spec.directions),
+            load_if_exists=True,
+        )
+        # The budget (trials) is left out so that asking for more trials is not a different study.
+        stored = spec.model_dump(mode="json", exclude={"trials"})
+        self.store.create_study(spec.name, stored, spec.directions, spec.metrics)
+        return study
+
+    def _group(self, t: optuna.trial.FrozenTrial) -> int:
+        return int(t.user_attrs.get("run_number", t.number))
+
+    def counts(self, study: optuna.Study) -> dict[str, int]:
+        """Trial groups (one per run directory) by the state of their latest trial."""
+        latest: dict[int, optuna.trial.FrozenTrial] = {}
+        for t in study.get_trials(deepcopy=False):
+            latest[self._group(t)] = t  # trials come in number order: the last one wins
+        out = {s.name.lower(): 0 for s in TrialState}
+        for t in latest.values():
+            out[t.state.name.lower()] += 1
+        out["groups"] = len(latest)
+        return out
+
+    def _should_start(self, study: optuna.Study, target: int) -> bool:
+        c = self.counts(study)
+        return c["waiting"] > 0 or c["groups"] < target
+
+    # -- orphans ------------------------------------------------------------------------------
+    def recover_orphans(self, study: optuna.Study) -> None:
+        """RUNNING trials whose runner (on this host) is dead: stop their trainer (it
+        checkpoints), fail the trial and re-queue it so it resumes in the same run directory."""
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            info_path = self.work.run_dir(self.spec.name, self._group(t)) / RUNNER_FILE
+            if not info_path.exists():
+                continue
+            info = json.loads(info_path.read_text())
+            if info.get("host") != self.host or _alive(info.get("runner_pid")):
+                continue  # another live runner owns it, or another host (heartbeats cover it)
+            _stop_group(info.get("trainer_pid"))
+            self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            self._requeue(study, t.params, self._group(t))
+            self.console.print(f"[yellow]trial {t.number}: its runner died; re-queued to resume")
+
+    def _requeue(self, study: optuna.Study, params: dict[str, Any], group: int) -> None:
+        study.enqueue_trial(params, user_attrs={"run_number": group}, skip_if_exists=False)
+
+    # -- running ------------------------------------------------------------------------------
+    def run(self, n_trials: int | None = None) -> optuna.Study:
+        study = self.open_study()
+        self.recover_orphans(study)
+        target = n_trials if n_trials is not None else self.spec.trials
+        slots = device_slots(self.spec)
+        c = self.counts(study)
+        self.console.print(
+            f"study [bold]{self.spec.name}[/]: {c['complete']} complete, {c['pruned']} pruned, "
+            f"{c['fail']} failed of {target}; {len(slots)} slot(s); work dir {self.work.root}"
+        )
+        threads = [
+            threading.Thread(target=self._worker, args=(study, slot, target), daemon=True)
+            for slot in slots
+        ]
+        for th in threads:
+            th.start()
+        try:
+            while any(th.is_alive() for th in threads):
+                for th in threads:
+                    th.join(timeout=0.5)
+        except KeyboardInterrupt:
+            self.console.print("[yellow]interrupted: stopping trainers (they checkpoint)...")
+            self.stopping.set()
+            for proc in list(self.live.values()):
+                proc.stop(signal.SIGTERM)
+            for th in threads:
+                th.join()
+            raise
+        if self.errors:
+            raise self.errors[0]
+        return study
+
+    def _worker(self, study: optuna.Study, slot: list[str] | None, target: int) -> None:
+        try:
+            self._work(study, slot, target)
+        except BaseException as err:  # surface it in the main thread, stop the other slots
+            self.errors.append(err)
+            self.stopping.set()
+
+    def _work(self, study: optuna.Study, slot: list[str] | None, target: int) -> None:
+        while not self.stopping.is_set():
+            with self.lock:
+                optuna.storages.fail_stale_trials(study)
+                if not self._should_start(study, target):
+                    return
+                with warnings.catch_warnings():
+                    # We record heartbeats ourselves while following the trainer.
+                    warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                    trial = study.ask()
+                group = self._origin(study, trial)
+                trial.set_user_attr("run_number", group)
+                if group != trial.number:
+                    self._inherit_sampler_attrs(study, trial, group)
+            self._run_trial(study, trial, group, slot)
+
+    def _inherit_sampler_attrs(self, study: optuna.Study, trial: optuna.Trial, group: int) -> None:
+        """A resumed trial is the same grid point as the one it resumes: GridSampler keys its
+        bookkeeping on these system attrs (and fails in ``tell`` without them)."""
+        original = study.get_trials(deepcopy=False)[group]
+        for key in ("grid_id", "search_space"):
+            if key in original.system_attrs:
+                self.storage.set_trial_system_attr(trial._trial_id, key, original.system_attrs[key])
+
+    def _origin(self, study: optuna.Study, trial: optuna.Trial) -> int:
+        if "run_number" in trial.user_attrs:
+            return int(trial.user_attrs["run_number"])
+        failed = self.storage.get_trial(trial._trial_id).system_attrs.get("failed_trial")
+        if failed is not None:  # a heartbeat retry: resume the original trial's directory
+            return self._group(study.get_trials(deepcopy=False)[int(failed)])
+        return trial.number
+
+    def _prepare(self, trial: optuna.Trial, group: int) -> tuple[dict[str, Any], RunDir, str]:
+        params = self.spec.suggest(trial)
+        config = self.spec.trainer_info.config.model_validate(self.spec.resolve(params))
+        run = RunDir(self.work.run_dir(self.spec.name, group))
+        run.create()
+        stored = run.read_config()
+        if stored is None:
+            run.write_config(config.to_dict(), config.hash())
+        elif stored.get("config_hash") != config.hash():
+            raise TrialFailed(
+                f"{run.config} holds a different config; delete {run.root} to rerun it"
+            )
+        run_id = f"{self.spec.name}/{group:04d}"
+        self.store.register_run(
+            run_id,
+            run.root,
+            config.to_dict(),
+            config.hash(),
+            study=self.spec.name,
+            trial=trial.number,
+        )
+        trial.set_user_attr("run_dir", str(run.root))
+        trial.set_user_attr("config_hash", config.hash())
+        return params, run, run_id
+
+    def _run_trial(
+        self, study: optuna.Study, trial: optuna.Trial, group: int, slot: list[str] | None
+    ) -> None:
+        started = time.time()
+        try:
+            params, run, run_id = self._prepare(trial, group)
+        except Exception as err:  # a config the trainer refuses: the trial fails, the study goes on
+            self._finish(
+                study,
+                trial,
+                Outcome("failed", f"{type(err).__name__}: {err}"),
+                {},
+                None,
+                started,
+                slot,
+            )
+            return
+        self.store.upsert_trial(
+            self.spec.name,
+            trial.number,
+            "running",
+            params=params,
+            started_at=started,
+            run_id=run_id,
+        )
+        proc = TrainerProcess(
+            self.spec.trainer_info.module, run.root, slot, gpus=len(slot) if slot else 1
+        )
+        proc.start()
+        (run.root / RUNNER_FILE).write_text(
+            json.dumps(
+                {
+                    "host": self.host,
+                    "runner_pid": os.getpid(),
+                    "trainer_pid": proc.proc.pid,
+                    "trial": trial.number,
+                }
+            )
+        )
+        self.live[trial.number] = proc
+        where = f"GPU {','.join(slot)}" if slot else "CPU"
+        self.console.print(f"trial {trial.number} started on {where}: {_fmt(params)}")
+        beat = [time.time()]
+        try:
+            outcome = proc.follow(
+                lambda step, name, value: self._on_metric(trial, beat, step, name, value)
+            )
+        finally:
+            self.live.pop(trial.number, None)
+        if self.stopping.is_set() and outcome.state == "failed" and "by a signal" in outcome.reason:
+            outcome = Outcome(
+                "interrupted", outcome.reason, exit_code=outcome.exit_code, final=outcome.final
+            )
+        try:
+            self.store.ingest_run_dir(run_id, run.root)
+        except StoreError as err:  # the trial's outcome stands; its files stay in the run dir
+            self.console.print(f"[red]trial {trial.number}: could not ingest {run.root}: {err}")
+        self._finish(study, trial, outcome, params, run_id, started, slot)
+
+    def _on_metric(
+        self, trial: optuna.Trial, beat: list[float], step: int, name: str, value: float | None
+    ) -> bool:
+        now = time.time()
+        if now - beat[0] > HEARTBEAT_S:
+            self.storage.record_heartbeat(trial._trial_id)
+            beat[0] = now
+        if self.spec.multi_objective or value is None or name != self.spec.metrics[0]:
+            return False
+        trial.report(value, step)
+        return trial.should_prune()
+
+    def _finish(
+        self,
+        study: optuna.Study,
+        trial: optuna.Trial,
+        outcome: Outcome,
+        params: dict[str, Any],
+        run_id: str | None,
+        started: float,
+        slot: list[str] | None,
+    ) -> None:
+        ended = time.time()
+        trial.set_user_attr("final_metrics", outcome.final)
+        gpu_s = (ended - started) * len(slot) if slot else 0.0
+        common = dict(
+            params=params, started_at=started, ended_at=ended, gpu_seconds=gpu_s, run_id=run_id
+        )
+        values: list[float] | None = None
+        if outcome.state == "complete":
+            missing = [m for m in self.spec.metrics if m not in outcome.final]
+            if missing:
+                outcome = Outcome(
+                    "failed", f"objective metric(s) never written: {', '.join(missing)}"
+                )
+            else:
+                values = [float(outcome.final[m]) for m in self.spec.metrics]
+        name = self.spec.name
+        if outcome.state == "complete":
+            _tell(study, trial, values=values)
+            self.store.upsert_trial(name, trial.number, "complete", values=values, **common)
+            shown = _fmt(dict(zip(self.spec.metrics, values, strict=True)))
+            self.console.print(f"[green]trial {trial.number} complete[/]: {shown}")
+        elif outcome.state == "pruned":
+            _tell(study, trial, state=TrialState.PRUNED)
+            self.store.upsert_trial(name, trial.number, "pruned", error=outcome.reason, **common)
+            self.console.print(f"[cyan]trial {trial.number} pruned[/] ({outcome.reason})")
+        else:
+            trial.set_user_attr("error", outcome.reason)
+            _tell(study, trial, state=TrialState.FAIL)
+            self.store.upsert_trial(
+                name,
+                trial.number,
+                "failed",
+                error=outcome.reason,
+                stderr_tail=outcome.stderr_tail,
+                **common,
+            )
+            if outcome.state == "interrupted":
+                self._requeue(study, trial.params, int(trial.user_attrs["run_number"]))
+                self.console.print(
+                    f"[yellow]trial {trial.number} interrupted; it resumes on the next run"
+                )
+            else:
+                tail = "\n    ".join(outcome.stderr_tail.strip().splitlines()[-8:])
+                self.console.print(
+                    f"[red]trial {trial.number} failed[/]: {outcome.reason}"
+                    + (f"\n    {tail}" if tail else "")
+                )
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, **kw: Any) -> None:
+    """``study.tell``. GridSampler calls ``study.stop()`` once the grid is used up, which Optuna
+    only allows inside ``optimize``; the trial's state is already stored by then, and our own
+    loop decides when to stop, so that one error is ignored."""
+    try:
+        study.tell(trial, **kw)
+    except RuntimeError as err:
+        if "Study.stop" not in str(err):
+            raise
+
+
+def _fmt(d: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items())
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stop_group(pid: int | None, timeout: float = 120) -> None:
+    """SIGTERM an orphaned trainer's process group and wait for it to checkpoint and exit."""
+    if not _alive(pid):
+        return
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.time() + timeout
+    while _alive(pid) and time.time() < deadline:
+        time.sleep(0.2)
+    if _alive(pid):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def summarize(study: optuna.Study, metrics: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per trial for tables: number, state, params, values, error."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        row: dict[str, Any] = {"trial": t.number, "state": t.state.name.lower(), **t.params}
+        for m, v in zip(metrics, t.values or [], strict=False):
+            row[m] = v
+        if t.user_attrs.get("error"):
+            row["error"] = t.user_attrs["error"]
+        rows.append(row)
+    return rows

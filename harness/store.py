@@ -1,0 +1,792 @@
+"""The results store: one DuckDB file with studies, trials, runs, metrics and samples.
+
+Concurrency contract (DuckDB 2.0 locks the whole file for any read-write opener and blocks even
+read-only openers while it is held, see FIELD-NOTES.md): there is no long-lived connection.
+Every operation opens the file, runs one short transaction, commits and closes. Opening is
+retried with exponential backoff and jitter while the file is locked by another process, up to
+``Store(timeout=...)`` seconds, then :class:`StoreBusyError` names the file and the holder.
+Any other error is raised at once. Inside one process, operations on the same file are
+serialized by a lock (DuckDB shares one database instance per file inside a process, and
+refuses a read-only and a read-write connection to it at the same time).
+
+``Store(":memory:")`` is the in-process backend for tests: it keeps one in-memory database for
+the life of the object (there is nothing to lock) and hands each operation its own cursor.
+
+Typical use::
+
+    store = Store("results.duckdb")
+    store.create_study("timestep", spec, directions=["minimize"], objectives=["fid"])
+    store.register_run("timestep/0", run_dir, config, config_hash, study="timestep", trial=0)
+    store.upsert_trial("timestep", 0, "running", params={"shift": 3.0}, run_id="timestep/0")
+    store.ingest_run_dir("timestep/0", run_dir)
+    store.upsert_trial("timestep", 0, "complete", values=[12.3], ended_at=time.time())
+    store.trials("timestep")
+    store.query("SELECT name, max(step) AS last FROM metrics WHERE run_id = ? GROUP BY name",
+                ["timestep/0"])
+
+The schema is the SQL in :data:`MIGRATIONS`; ``harness/STORE.md`` documents every column.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import re
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal, get_args
+
+import duckdb
+
+log = logging.getLogger(__name__)
+
+TrialState = Literal["running", "complete", "pruned", "failed"]
+Direction = Literal["minimize", "maximize"]
+TRIAL_STATES: tuple[str, ...] = get_args(TrialState)
+DIRECTIONS: tuple[str, ...] = get_args(Direction)
+
+# -- schema ------------------------------------------------------------------------------------
+# MIGRATIONS[i] upgrades a file from schema version i to i + 1; MIGRATIONS[0] creates v1 from an
+# empty file. A new file runs them all, so a fresh file and a migrated one cannot drift apart.
+# To change the schema: append the SQL that upgrades the previous version, bump SCHEMA_VERSION,
+# and document the change in harness/STORE.md. Times are UTC epoch seconds (DOUBLE), as in
+# metrics.jsonl; JSON columns hold canonical JSON text (sorted keys).
+_SCHEMA_V1 = f"""
+CREATE TABLE schema_version (
+    version     INTEGER NOT NULL
+);
+CREATE TABLE studies (
+    name        VARCHAR PRIMARY KEY,
+    spec        JSON NOT NULL,
+    directions  VARCHAR[] NOT NULL,
+    objectives  VARCHAR[] NOT NULL,
+    created_at  DOUBLE NOT NULL
+);
+CREATE TABLE trials (
+    study       VARCHAR NOT NULL,
+    number      INTEGER NOT NULL,
+    state       VARCHAR NOT NULL CHECK (state IN {TRIAL_STATES!r}),
+    params      JSON,
+    values      DOUBLE[],
+    error       VARCHAR,
+    stderr_tail VARCHAR,
+    started_at  DOUBLE,
+    ended_at    DOUBLE,
+    gpu_seconds DOUBLE,
+    run_id      VARCHAR,
+    updated_at  DOUBLE NOT NULL,
+    PRIMARY KEY (study, number)
+);
+CREATE TABLE runs (
+    run_id      VARCHAR PRIMARY KEY,
+    study       VARCHAR,
+    trial       INTEGER,
+    run_dir     VARCHAR NOT NULL,
+    config      JSON NOT NULL,
+    config_hash VARCHAR NOT NULL,
+    registered_at DOUBLE NOT NULL
+);
+CREATE TABLE metrics (
+    run_id      VARCHAR NOT NULL,
+    step        BIGINT NOT NULL,
+    name        VARCHAR NOT NULL,
+    value       DOUBLE,
+    time        DOUBLE,
+    PRIMARY KEY (run_id, step, name)
+);
+CREATE TABLE samples (
+    run_id      VARCHAR NOT NULL,
+    path        VARCHAR NOT NULL,
+    tag         VARCHAR,
+    step        BIGINT,
+    prompt_id   INTEGER,
+    prompt      VARCHAR,
+    seed        BIGINT,
+    steps       INTEGER,
+    nfe         INTEGER,
+    cfg         DOUBLE,
+    solver      VARCHAR,
+    shift       DOUBLE,
+    sha256      VARCHAR NOT NULL,
+    extra       JSON,
+    PRIMARY KEY (run_id, path)
+);
+"""
+
+MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1,)
+SCHEMA_VERSION = 1
+assert len(MIGRATIONS) == SCHEMA_VERSION, "every schema version needs its migration"
+
+DEFAULT_TIMEOUT_S = 60.0
+_BACKOFF_FIRST_S = 0.005
+_BACKOFF_CAP_S = 0.25
+_WARN_AFTER_S = 5.0
+# DuckDB 2.0: 'IO Error: Could not set lock on file "F": Conflicting lock is held in EXE (PID n)'
+_LOCK_MARKERS = ("Could not set lock on file", "Conflicting lock")
+_HOLDER = re.compile(r"Conflicting lock is held in (?P<exe>.*?) \(PID (?P<pid>\d+)\)")
+_READ_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+
+
+class StoreError(Exception):
+    """A store operation was refused: bad input, a conflicting record, a schema mismatch."""
+
+
+class StoreBusyError(StoreError, TimeoutError):
+    """The DuckDB file stayed locked by another process for longer than the store's timeout."""
+
+
+class SchemaVersionError(StoreError):
+    """The file was written by a newer schema version than this code knows."""
+
+
+class IngestError(StoreError, ValueError):
+    """A run directory file (metrics.jsonl, samples/manifest.jsonl) has a malformed record."""
+
+
+@dataclass
+class LockStats:
+    """How often this Store had to wait for the file lock (for logs and benchmarks)."""
+
+    opens: int = 0  # successful opens of the file
+    retries: int = 0  # attempts refused by another process's lock, then retried
+    open_s: float = 0.0  # total time spent opening, lock waits included
+    max_open_s: float = 0.0  # longest single open, lock waits included
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What :meth:`Store.ingest_run_dir` did: records read from the run directory, rows that
+    were new, and rows whose stored value changed (the file is the source of truth)."""
+
+    metrics_read: int
+    metrics_inserted: int
+    metrics_updated: int
+    samples_read: int
+    samples_inserted: int
+    samples_updated: int
+
+
+# One lock per file per process: DuckDB shares a database instance per path inside a process,
+# so two threads' transactions on it could conflict; serializing them costs nothing here.
+_PROCESS_LOCKS: dict[str, threading.Lock] = {}
+_PROCESS_LOCKS_GUARD = threading.Lock()
+_HELD = threading.local()
+
+
+def _process_lock(key: str) -> threading.Lock:
+    with _PROCESS_LOCKS_GUARD:
+        return _PROCESS_LOCKS.setdefault(key, threading.Lock())
+
+
+class Store:
+    """The results store in one DuckDB file (or ``":memory:"``). Cheap to construct; holds no
+    connection to a file between operations. Thread-safe; safe to use from many processes."""
+
+    def __init__(self, path: str | Path, *, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        """Open (creating or migrating if needed) the store at ``path``.
+
+        timeout: seconds one open may wait for another process's lock before
+        :class:`StoreBusyError`. Raises :class:`SchemaVersionError` if the file is newer than
+        this code.
+        """
+        self.memory = str(path) == ":memory:"
+        self.path = ":memory:" if self.memory else str(Path(path).expanduser().resolve())
+        self.timeout = float(timeout)
+        self.stats = LockStats()
+        self._mem: duckdb.DuckDBPyConnection | None = None
+        if self.memory:
+            self._mem = duckdb.connect(":memory:")
+            self._key = f":memory:{id(self)}"
+        else:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self._key = self.path
+        self._lock = _process_lock(self._key)
+        self._ensure_schema()
+
+    def __repr__(self) -> str:
+        return f"Store({self.path!r}, timeout={self.timeout})"
+
+    def close(self) -> None:
+        """Release the in-memory database (a no-op for a file: nothing is held open)."""
+        if self._mem is not None:
+            self._mem.close()
+            self._mem = None
+
+    # -- connections ---------------------------------------------------------------------------
+    @contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-write connection inside one transaction: committed when the block ends,
+        rolled back if it raises. Keep the block short: the whole file is locked meanwhile.
+        Do not commit, nest store operations or keep the connection after the block."""
+        with self._session(read_only=False) as con:
+            con.begin()
+            try:
+                yield con
+            except BaseException:
+                with suppress(duckdb.Error):  # a failed statement may have aborted it already
+                    con.rollback()
+                raise
+            con.commit()
+
+    @contextmanager
+    def read(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-only connection (a file is opened with ``read_only=True``) with one consistent
+        snapshot for the whole block. Other readers may hold the file at the same time; writers
+        wait until the block ends."""
+        with self._session(read_only=True) as con:
+            con.begin()
+            try:
+                yield con
+            finally:
+                con.rollback()  # nothing to keep; on :memory: this also drops stray writes
+
+    @contextmanager
+    def _session(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+        if self.memory and self._mem is None:
+            raise StoreError("this in-memory store is closed")
+        held: set[str] | None = getattr(_HELD, "keys", None)
+        if held is None:
+            held = _HELD.keys = set()
+        if self._key in held:
+            raise StoreError(
+                f"nested store operation on {self.path}: each operation opens its own "
+                "connection; use the connection of the enclosing transaction()/read() instead"
+            )
+        with self._lock:
+            held.add(self._key)
+            try:
+                con = self._mem.cursor() if self._mem is not None else self._open(read_only)
+                try:
+                    yield con
+                finally:
+                    con.close()
+            finally:
+                held.discard(self._key)
+
+    def _open(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+        """Connect, retrying while another process holds the file lock."""
+        start = time.monotonic()
+        delay = _BACKOFF_FIRST_S
+        warned = False
+        while True:
+            try:
+                con = duckdb.connect(self.path, read_only=read_only)
+            except duckdb.IOException as err:
+                message = str(err)
+                if not any(marker in message for marker in _LOCK_MARKERS):
+                    raise
+                waited = time.monotonic() - start
+                if waited >= self.timeout:
+                    self._record_wait(waited)
+                    raise StoreBusyError(self._busy_message(message, waited, read_only)) from err
+                if waited >= _WARN_AFTER_S and not warned:
+                    warned = True
+                    log.warning("waiting for the lock on %s: %s", self.path, _holder(message))
+                self.stats.retries += 1
+                # Exponential backoff with "equal jitter": half fixed, half random, so that
+                # processes that collided once do not collide again in lockstep.
+                pause = delay / 2 + random.uniform(0, delay / 2)
+                time.sleep(min(pause, max(self.timeout - waited, 0.0)))
+                delay = min(delay * 2, _BACKOFF_CAP_S)
+                continue
+            self.stats.opens += 1
+            self._record_wait(time.monotonic() - start)
+            return con
+
+    def _record_wait(self, waited: float) -> None:
+        self.stats.open_s += waited
+        self.stats.max_open_s = max(self.stats.max_open_s, waited)
+
+    def _busy_message(self, message: str, waited: float, read_only: bool) -> str:
+        mode = "read-only" if read_only else "read-write"
+        return (
+            f"DuckDB file {self.path} stayed locked for {waited:.1f} s (timeout {self.timeout} s) "
+            f"while opening it {mode}: {_holder(message)}. Another process has it open; store "
+            "operations hold it for milliseconds, so a long hold is usually an interactive "
+            "session (duckdb CLI, notebook) or a stuck process: close it, or pass a larger "
+            f"Store(timeout=...). DuckDB said: {message}"
+        )
+
+    # -- schema ----------------------------------------------------------------------------------
+    def _ensure_schema(self) -> None:
+        if not self.memory and Path(self.path).exists():
+            with self.read() as con:  # a current file needs no write lock at all
+                if self._check_version(con) == SCHEMA_VERSION:
+                    return
+        with self.transaction() as con:
+            version = self._check_version(con)  # again: another process may have migrated it
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                con.execute(MIGRATIONS[target - 1])
+                log.info("%s: schema migrated to version %d", self.path, target)
+            if version == 0:
+                con.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION])
+            elif version < SCHEMA_VERSION:
+                con.execute("UPDATE schema_version SET version = ?", [SCHEMA_VERSION])
+
+    def _check_version(self, con: duckdb.DuckDBPyConnection) -> int:
+        """The file's schema version (0 for an empty file); refuses a newer one."""
+        exists = con.execute(
+            "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
+            "AND schema_name = 'main' AND table_name = 'schema_version'"
+        ).fetchone()
+        if not exists or not exists[0]:
+            return 0
+        rows = con.execute("SELECT version FROM schema_version").fetchall()
+        if len(rows) != 1:
+            raise StoreError(f"{self.path}: table schema_version must have one row, has {rows}")
+        version = int(rows[0][0])
+        if version > SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"{self.path} has store schema version {version}, but this code knows versions "
+                f"up to {SCHEMA_VERSION}: it was written by a newer diffusion-harness. Upgrade "
+                "the harness to read it (files are never downgraded)."
+            )
+        return version
+
+    # -- studies and trials ------------------------------------------------------------------------
+    def create_study(
+        self,
+        name: str,
+        spec: Mapping[str, Any],
+        directions: Sequence[Direction],
+        objectives: Sequence[str],
+    ) -> bool:
+        """Record a study. Returns True if created, False if it already exists with the same
+        spec, directions and objectives; raises :class:`StoreError` naming what differs if the
+        name is taken by a different study.
+
+        spec: the validated study spec (JSON-serializable); directions: one of "minimize" /
+        "maximize" per objective; objectives: the metric names the trial values refer to.
+        """
+        _require(
+            isinstance(name, str) and name != "",
+            f"study name must be a non-empty string, got {name!r}",
+        )
+        directions, objectives = list(directions), list(objectives)
+        _require(
+            len(objectives) >= 1 and len(directions) == len(objectives),
+            f"study {name!r}: need one direction per objective, got directions={directions} "
+            f"for objectives={objectives}",
+        )
+        bad = [d for d in directions if d not in DIRECTIONS]
+        _require(not bad, f"study {name!r}: unknown direction(s) {bad}; allowed: {DIRECTIONS}")
+        _require(
+            all(isinstance(o, str) and o for o in objectives)
+            and len(set(objectives)) == len(objectives),
+            f"study {name!r}: objectives must be distinct non-empty names, got {objectives}",
+        )
+        spec_json = _to_json(dict(spec), f"study {name!r} spec")
+        wanted = {"spec": json.loads(spec_json), "directions": directions, "objectives": objectives}
+        with self.transaction() as con:
+            row = con.execute(
+                "SELECT spec, directions, objectives FROM studies WHERE name = ?", [name]
+            ).fetchone()
+            if row is None:
+                con.execute(
+                    "INSERT INTO studies (name, spec, directions, objectives, created_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    [name, spec_json, directions, objectives, time.time()],
+                )
+                return True
+        stored = {"spec": json.loads(row[0]), "directions": row[1], "objectives": row[2]}
+        if stored == wanted:
+            return False
+        diffs = _diff(stored, wanted)
+        raise StoreError(
+            f"study {name!r} already exists in {self.path} with a different spec (differs at: "
+            f"{', '.join(diffs[:8])}{', ...' if len(diffs) > 8 else ''}); use a new study name "
+            "or delete the old study's rows"
+        )
+
+    def upsert_trial(
+        self,
+        study: str,
+        number: int,
+        state: TrialState,
+        *,
+        params: Mapping[str, Any] | None = None,
+        values: Sequence[float] | None = None,
+        error: str | None = None,
+        stderr_tail: str | None = None,
+        started_at: float | None = None,
+        ended_at: float | None = None,
+        gpu_seconds: float | None = None,
+        run_id: str | None = None,
+    ) -> None:
+        """Insert trial ``number`` of ``study`` or update it. ``state`` is always written; every
+        other field left as None keeps its stored value, so a runner can write params at start
+        and values at the end. ``values`` holds one float per study objective.
+        Times are epoch seconds. The study must exist (:meth:`create_study`)."""
+        _require(state in TRIAL_STATES, f"trial state {state!r} is not one of {TRIAL_STATES}")
+        _require(
+            isinstance(number, int) and not isinstance(number, bool) and number >= 0,
+            f"trial number must be an int >= 0, got {number!r}",
+        )
+        params_json = None if params is None else _to_json(dict(params), "trial params")
+        vals = None if values is None else [float(v) for v in values]
+        with self.transaction() as con:
+            row = con.execute("SELECT objectives FROM studies WHERE name = ?", [study]).fetchone()
+            _require(row is not None, f"unknown study {study!r} in {self.path}: create_study first")
+            _require(
+                vals is None or len(vals) == len(row[0]),
+                f"study {study!r} has {len(row[0])} objective(s) {row[0]}, "
+                f"trial {number} got {len(vals or [])} value(s) {vals}",
+            )
+            con.execute(
+                """
+                INSERT INTO trials (study, number, state, params, values, error, stderr_tail,
+                    started_at, ended_at, gpu_seconds, run_id, updated_at)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                ON CONFLICT DO UPDATE SET
+                    state = excluded.state,
+                    params = coalesce(excluded.params, params),
+                    values = coalesce(excluded.values, values),
+                    error = coalesce(excluded.error, error),
+                    stderr_tail = coalesce(excluded.stderr_tail, stderr_tail),
+                    started_at = coalesce(excluded.started_at, started_at),
+                    ended_at = coalesce(excluded.ended_at, ended_at),
+                    gpu_seconds = coalesce(excluded.gpu_seconds, gpu_seconds),
+                    run_id = coalesce(excluded.run_id, run_id),
+                    updated_at = excluded.updated_at
+                """,
+                [
+                    study,
+                    number,
+                    state,
+                    params_json,
+                    vals,
+                    error,
+                    stderr_tail,
+                    started_at,
+                    ended_at,
+                    gpu_seconds,
+                    run_id,
+                    time.time(),
+                ],
+            )
+
+    def trials(self, study: str) -> list[dict[str, Any]]:
+        """The study's trials ordered by number: the ``trials`` columns as a dict each, with
+        ``params`` decoded from JSON."""
+        rows = self.query("SELECT * FROM trials WHERE study = ? ORDER BY number", [study])
+        for r in rows:
+            r["params"] = None if r["params"] is None else json.loads(r["params"])
+        return rows
+
+    # -- runs, metrics, samples ----------------------------------------------------------------
+    def register_run(
+        self,
+        run_id: str,
+        run_dir: str | Path,
+        config: Mapping[str, Any],
+        config_hash: str,
+        *,
+        study: str | None = None,
+        trial: int | None = None,
+    ) -> None:
+        """Record a run: its directory (stored absolute), resolved config and config hash, and
+        the study trial it belongs to (None for a run trained by hand). Registering the same
+        run again updates its directory and fills in study/trial; a different config hash for
+        an existing run_id is an error (a run's config never changes)."""
+        config_json = _to_json(dict(config), f"run {run_id!r} config")
+        with self.transaction() as con:
+            row = con.execute("SELECT config_hash FROM runs WHERE run_id = ?", [run_id]).fetchone()
+            if row is not None and row[0] != config_hash:
+                raise StoreError(
+                    f"run {run_id!r} is already registered in {self.path} with config hash "
+                    f"{row[0]}, not {config_hash}: a run's config never changes; use a new run_id"
+                )
+            con.execute(
+                """
+                INSERT INTO runs (run_id, study, trial, run_dir, config, config_hash,
+                    registered_at)
+                VALUES (?, ?, ?, ?, ?, ?, ?)
+                ON CONFLICT DO UPDATE SET
+                    run_dir = excluded.run_dir,
+                    study = coalesce(excluded.study, study),
+                    trial = coalesce(excluded.trial, trial)
+                """,
+                [
+                    run_id,
+                    study,
+                    trial,
+                    str(Path(run_dir).resolve()),
+                    config_json,
+                    config_hash,
+                    time.time(),
+                ],
+            )
+
+    def ingest_run_dir(self, run_id: str, run_dir: str | Path) -> IngestResult:
+        """Copy a run directory's ``metrics.jsonl`` and ``samples/manifest.jsonl`` into the
+        store, in one transaction, idempotently.
+
+        Every record is validated and every sample file hashed (sha256) before the file is
+        locked; a malformed record raises :class:`IngestError` naming the file and line, and
+        nothing of this ingest is stored. A record already stored is updated if the file now
+        says otherwise (a resumed run redoes steps); stored rows absent from the file are kept.
+        A torn last line (the trainer is mid-append) is skipped and picked up next time.
+        If ``run_id`` is not registered yet, it is registered from ``config.json`` (without a
+        study; :meth:`register_run` can add it later).
+        """
+        from trainers.rundir import RunDir
+
+        run = RunDir(run_dir)
+        metrics = _read_metrics(run.metrics)
+        samples = _read_manifest(run.manifest, run.samples)
+        config = run.read_config()
+        with self.transaction() as con:
+            registered = con.execute("SELECT 1 FROM runs WHERE run_id = ?", [run_id]).fetchone()
+            if registered is None:
+                if config is None:
+                    raise StoreError(
+                        f"run {run_id!r} is not registered in {self.path} and {run.config} does "
+                        "not exist: register_run first"
+                    )
+                con.execute(
+                    "INSERT INTO runs (run_id, run_dir, config, config_hash, registered_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    [
+                        run_id,
+                        str(run.root.resolve()),
+                        _to_json(config, f"{run.config}"),
+                        str(config.get("config_hash", "")),
+                        time.time(),
+                    ],
+                )
+            m_new, m_changed = _upsert(con, "metrics", run_id, metrics, _METRICS_UPSERT)
+            s_new, s_changed = _upsert(con, "samples", run_id, samples, _SAMPLES_UPSERT)
+        return IngestResult(
+            len(metrics), m_new, m_changed - m_new, len(samples), s_new, s_changed - s_new
+        )
+
+    def metrics(self, run_id: str, name: str | None = None) -> list[dict[str, Any]]:
+        """The run's metric rows (``run_id, step, name, value, time``) ordered by step and name,
+        optionally only metric ``name``."""
+        sql = "SELECT * FROM metrics WHERE run_id = ?"
+        params: list[Any] = [run_id]
+        if name is not None:
+            sql += " AND name = ?"
+            params.append(name)
+        return self.query(sql + " ORDER BY step, name", params)
+
+    def samples(self, run_id: str) -> list[dict[str, Any]]:
+        """The run's sample rows ordered by tag and path, with ``extra`` decoded from JSON.
+        ``path`` is relative to ``<run_dir>/samples/``."""
+        rows = self.query("SELECT * FROM samples WHERE run_id = ? ORDER BY tag, path", [run_id])
+        for r in rows:
+            r["extra"] = None if r["extra"] is None else json.loads(r["extra"])
+        return rows
+
+    def query(
+        self, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        """Run one read-only statement (SELECT, DESCRIBE, SHOW, EXPLAIN ...) and return its rows
+        as dicts keyed by column name (JSON columns come back as text). Parameters bind as
+        ``?`` (a sequence) or ``$name`` (a mapping)."""
+        statements = duckdb.extract_statements(sql)
+        if len(statements) != 1 or statements[0].type not in _READ_STATEMENTS:
+            kinds = [s.type.name for s in statements]
+            raise StoreError(
+                f"query() runs one read-only statement, got {kinds}; use transaction() to write"
+            )
+        with self.read() as con:
+            cursor = con.execute(sql, params) if params is not None else con.execute(sql)
+            columns = [d[0] for d in cursor.description or []]
+            return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
+
+
+# -- ingest helpers ------------------------------------------------------------------------------
+# Both upserts insert a whole run's rows in one statement from list parameters (unnest zips
+# them): over 100x faster than executemany, which runs one statement per row in DuckDB.
+# A stored row is rewritten only when the file says something else (a resumed run redid it).
+_METRICS_UPSERT = """
+INSERT INTO metrics (run_id, step, name, value, time)
+SELECT ?, unnest(?), unnest(?), unnest(?), unnest(?)
+ON CONFLICT DO UPDATE SET value = excluded.value, time = excluded.time
+WHERE value IS DISTINCT FROM excluded.value
+"""
+_SAMPLE_COLUMNS = (
+    "path",
+    "tag",
+    "step",
+    "prompt_id",
+    "prompt",
+    "seed",
+    "steps",
+    "nfe",
+    "cfg",
+    "solver",
+    "shift",
+    "sha256",
+    "extra",
+)
+_SAMPLES_UPSERT = f"""
+INSERT INTO samples (run_id, {", ".join(_SAMPLE_COLUMNS)})
+SELECT ?, {", ".join(["unnest(?)"] * len(_SAMPLE_COLUMNS))}
+ON CONFLICT DO UPDATE SET {", ".join(f"{c} = excluded.{c}" for c in _SAMPLE_COLUMNS[1:])}
+WHERE ({", ".join(_SAMPLE_COLUMNS[1:])})
+    IS DISTINCT FROM ({", ".join(f"excluded.{c}" for c in _SAMPLE_COLUMNS[1:])})
+"""
+
+_INT = (int,)
+_NUM = (int, float)
+_STR = (str,)
+# Manifest keys with a column of their own; any other key goes into ``extra`` (JSON).
+_SAMPLE_FIELDS: dict[str, tuple[type, ...]] = {
+    "tag": _STR,
+    "step": _INT,
+    "prompt_id": _INT,
+    "prompt": _STR,
+    "seed": _INT,
+    "steps": _INT,
+    "nfe": _INT,
+    "cfg": _NUM,
+    "solver": _STR,
+    "shift": _NUM,
+}
+
+
+def _upsert(
+    con: duckdb.DuckDBPyConnection, table: str, run_id: str, rows: list[tuple[Any, ...]], sql: str
+) -> tuple[int, int]:
+    """(rows inserted, rows inserted or changed)."""
+    if not rows:
+        return 0, 0
+    count = f"SELECT count(*) FROM {table} WHERE run_id = ?"
+    columns = [list(column) for column in zip(*rows, strict=True)]
+    before = _scalar(con, count, [run_id])
+    changed = _scalar(con, sql, [run_id, *columns])
+    return _scalar(con, count, [run_id]) - before, changed
+
+
+def _scalar(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any]) -> Any:
+    row = con.execute(sql, params).fetchone()
+    assert row is not None, sql
+    return row[0]
+
+
+def _numbered_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, record) for each record of a JSONL file, via ``read_jsonl``."""
+    from trainers.rundir import read_jsonl
+
+    try:
+        records = read_jsonl(path)
+    except ValueError as err:  # read_jsonl names the file and the line
+        raise IngestError(f"{err}; nothing was ingested") from err
+    if not records:
+        return []
+    # read_jsonl drops blank lines (and at most a torn last one), so the k-th record is on the
+    # k-th non-blank line. The file is append-only, so reading it again cannot reorder lines.
+    lines = [i + 1 for i, line in enumerate(path.read_text().splitlines()) if line.strip()]
+    return list(zip(lines, records, strict=False))
+
+
+def _read_metrics(path: Path) -> list[tuple[Any, ...]]:
+    """Validated (step, name, value, time) rows; the last record for a (step, name) wins."""
+    rows: dict[tuple[int, str], tuple[Any, ...]] = {}
+    for line, rec in _numbered_records(path):
+        where = f"{path}: line {line}"
+        _check_record(rec, where)
+        step = _get(rec, "step", _INT, where, required=True)
+        name = _get(rec, "name", _STR, where, required=True)
+        _require(name != "", f"{where}: metric name is empty", IngestError)
+        value = _get(rec, "value", _NUM, where)
+        when = _get(rec, "time", _NUM, where)
+        rows[(step, name)] = (step, name, _float(value), _float(when))
+    return list(rows.values())
+
+
+def _read_manifest(path: Path, samples_dir: Path) -> list[tuple[Any, ...]]:
+    """Validated sample rows in ``_SAMPLE_COLUMNS`` order, each file hashed (sha256)."""
+    rows: dict[str, tuple[Any, ...]] = {}
+    for line, rec in _numbered_records(path):
+        where = f"{path}: line {line}"
+        _check_record(rec, where)
+        rel = _get(rec, "path", _STR, where, required=True)
+        pure = PurePosixPath(rel)
+        _require(
+            rel != "" and not pure.is_absolute() and ".." not in pure.parts,
+            f"{where}: sample path {rel!r} must be relative to {samples_dir}",
+            IngestError,
+        )
+        file = samples_dir / pure
+        _require(file.is_file(), f"{where}: sample file {file} does not exist", IngestError)
+        with open(file, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        fields = {k: _get(rec, k, kinds, where) for k, kinds in _SAMPLE_FIELDS.items()}
+        if fields["tag"] is None and len(pure.parts) > 1:
+            fields["tag"] = pure.parts[0]
+        for k in ("cfg", "shift"):
+            fields[k] = _float(fields[k])
+        extra = {k: v for k, v in rec.items() if k not in _SAMPLE_FIELDS and k != "path"}
+        fields.update(path=rel, sha256=digest, extra=_to_json(extra, where) if extra else None)
+        rows[rel] = tuple(fields[c] for c in _SAMPLE_COLUMNS)
+    return list(rows.values())
+
+
+def _check_record(rec: Any, where: str) -> None:
+    _require(isinstance(rec, dict), f"{where}: expected a JSON object, got {rec!r}", IngestError)
+
+
+def _get(
+    rec: dict[str, Any], key: str, kinds: tuple[type, ...], where: str, required: bool = False
+) -> Any:
+    value = rec.get(key)
+    if value is None:
+        _require(not required, f"{where}: missing {key!r} in {rec}", IngestError)
+        return None
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise IngestError(f"{where}: {key!r} must be {names} (or null), got {value!r}")
+    return value
+
+
+def _float(value: int | float | None) -> float | None:
+    return None if value is None else float(value)
+
+
+# -- small helpers -------------------------------------------------------------------------------
+def _require(ok: bool, message: str, error: type[StoreError] = StoreError) -> None:
+    if not ok:
+        raise error(message)
+
+
+def _to_json(obj: Any, what: str) -> str:
+    """Canonical JSON text (sorted keys, no NaN: DuckDB's JSON type rejects it)."""
+    try:
+        return json.dumps(obj, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise StoreError(f"{what} is not storable as JSON: {err}") from None
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted paths where two JSON-like values differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for key in sorted(set(a) | set(b), key=str):
+            here = f"{prefix}.{key}" if prefix else str(key)
+            if key not in a or key not in b:
+                out.append(here)
+            else:
+                out.extend(_diff(a[key], b[key], here))
+        return out
+    if a == b or (
+        isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)
+    ):
+        return []
+    return [prefix or "<root>"]
+
+
+def _holder(message: str) -> str:
+    match = _HOLDER.search(message)
+    if match is None:
+        return "DuckDB did not say which process holds it"
+    return f"held by PID {match['pid']} ({match['exe']})"

@@ -1,0 +1,114 @@
+"""The study runner end to end: real trainer processes, Optuna, DuckDB, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from harness.report import ablation_markdown, mean_ci
+from harness.runner import StudyRunner
+from harness.spec import load_study
+from harness.store import Store
+from tests.trainers.trainer_utils import REPO, config, env
+
+pytestmark = pytest.mark.slow
+
+
+def write_study(path: Path, search: dict, trials: int, steps: int = 8, **extra) -> Path:
+    base = config(train={"steps": steps, "checkpoint_every": 4, "log_every": 4}, eval={"every": 4})
+    study = {
+        "name": path.stem,
+        "base": base,
+        "search": search,
+        "objective": {"metric": "domain_fid", "direction": "minimize"},
+        "trials": trials,
+        "optuna": {"sampler": "grid", "pruner": "none", "seed": 0},
+        **extra,
+    }
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def test_tiny_study_runs_records_and_reports(tmp_path: Path) -> None:
+    spec = load_study(write_study(tmp_path / "tiny.yaml", {"timesteps.sampler": ["uniform", "cosmap"]}, 2))
+    runner = StudyRunner(spec, tmp_path / "work")
+    study = runner.run()
+    states = [t.state for t in study.get_trials()]
+    assert states == [optuna.trial.TrialState.COMPLETE] * 2
+    assert {t.params["timesteps.sampler"] for t in study.trials} == {"uniform", "cosmap"}
+    store = Store(tmp_path / "work" / "harness.duckdb")
+    rows = store.trials("tiny")
+    assert [r["state"] for r in rows] == ["complete", "complete"]
+    assert all(r["values"] and r["run_id"] for r in rows)
+    n = store.query("SELECT count(*) AS n FROM metrics WHERE name = 'domain_fid'")[0]["n"]
+    assert n == 4  # two evaluations (step 4 and the end) per trial
+    assert store.query("SELECT count(*) AS n FROM samples")[0]["n"] > 0
+    # The objective is the last domain_fid the trainer wrote.
+    for t in study.trials:
+        final = [m for m in store.metrics(f"tiny/{t.number:04d}") if m["name"] == "domain_fid"][-1]
+        assert t.values[0] == pytest.approx(final["value"])
+    report = ablation_markdown(study, spec.metrics, spec.directions)
+    assert "## timesteps.sampler" in report and "| cosmap | 1 |" in report
+    # Rerunning a finished study runs nothing more.
+    again = StudyRunner(spec, tmp_path / "work").run()
+    assert len(again.trials) == 2
+
+
+def test_failing_trial_is_recorded_and_the_study_goes_on(tmp_path: Path) -> None:
+    spec = load_study(write_study(tmp_path / "fails.yaml", {"train.lr": [1e30, 1e-3]}, 2))
+    study = StudyRunner(spec, tmp_path / "work").run()
+    by_lr = {t.params["train.lr"]: t for t in study.trials}
+    assert by_lr[1e30].state == optuna.trial.TrialState.FAIL
+    assert "non-finite loss" in by_lr[1e30].user_attrs["error"]
+    assert by_lr[1e-3].state == optuna.trial.TrialState.COMPLETE
+    failed = [r for r in Store(tmp_path / "work" / "harness.duckdb").trials("fails") if r["state"] == "failed"]
+    assert len(failed) == 1 and "non-finite loss" in failed[0]["error"] and failed[0]["stderr_tail"]
+
+
+def test_sigkill_runner_and_trainer_then_resume(tmp_path: Path) -> None:
+    study_file = write_study(tmp_path / "killed.yaml", {"timesteps.sampler": ["uniform", "cosmap"]}, 2, steps=200)
+    work = tmp_path / "work"
+    cmd = [sys.executable, "-m", "harness.cli", "study", "run", str(study_file), "--workdir", str(work)]
+    runner = subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ckpt = work / "runs" / "killed" / "0000" / "checkpoints" / "latest.pt"
+    deadline = time.time() + 240
+    while time.time() < deadline and not ckpt.exists():
+        time.sleep(0.1)
+    assert ckpt.exists(), runner.communicate(timeout=5)[0] if runner.poll() is not None else "no checkpoint"
+    trainer_pid = json.loads((ckpt.parents[1] / "runner.json").read_text())["trainer_pid"]
+    runner.send_signal(signal.SIGKILL)
+    os.killpg(trainer_pid, signal.SIGKILL)
+    runner.wait()
+    time.sleep(0.5)
+    assert not (ckpt.parents[1] / "status.json").exists()
+
+    proc = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    study = optuna.load_study(study_name="killed", storage=f"sqlite:///{(work / 'optuna.db').resolve()}")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 2
+    # No duplicate, none lost: the killed trial 0 resumed in its own run directory (as a new
+    # trial number that keeps run_number 0), and the other grid point ran once.
+    runs = [t.user_attrs["run_number"] for t in complete]
+    assert len(set(runs)) == 2 and 0 in runs
+    assert {t.params["timesteps.sampler"] for t in complete} == {"uniform", "cosmap"}
+    assert "resuming at step" in (ckpt.parents[1] / "stdout.log").read_text()
+
+
+def test_mean_ci_matches_scipy() -> None:
+    from scipy import stats
+
+    values = [1.0, 2.0, 4.0, 7.0]
+    mean, half = mean_ci(values)
+    lo, hi = stats.t.interval(0.95, len(values) - 1, loc=mean, scale=stats.sem(values))
+    assert mean == pytest.approx(3.5) and half == pytest.approx((hi - lo) / 2)
+    assert mean_ci([2.0]) == (2.0, None)
