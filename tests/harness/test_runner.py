@@ -39,7 +39,9 @@ def write_study(path: Path, search: dict, trials: int, steps: int = 8, **extra) 
 
 
 def test_tiny_study_runs_records_and_reports(tmp_path: Path) -> None:
-    spec = load_study(write_study(tmp_path / "tiny.yaml", {"timesteps.sampler": ["uniform", "cosmap"]}, 2))
+    spec = load_study(
+        write_study(tmp_path / "tiny.yaml", {"timesteps.sampler": ["uniform", "cosmap"]}, 2)
+    )
     runner = StudyRunner(spec, tmp_path / "work")
     study = runner.run()
     states = [t.state for t in study.get_trials()]
@@ -70,20 +72,39 @@ def test_failing_trial_is_recorded_and_the_study_goes_on(tmp_path: Path) -> None
     assert by_lr[1e30].state == optuna.trial.TrialState.FAIL
     assert "non-finite loss" in by_lr[1e30].user_attrs["error"]
     assert by_lr[1e-3].state == optuna.trial.TrialState.COMPLETE
-    failed = [r for r in Store(tmp_path / "work" / "harness.duckdb").trials("fails") if r["state"] == "failed"]
+    failed = [
+        r
+        for r in Store(tmp_path / "work" / "harness.duckdb").trials("fails")
+        if r["state"] == "failed"
+    ]
     assert len(failed) == 1 and "non-finite loss" in failed[0]["error"] and failed[0]["stderr_tail"]
 
 
 def test_sigkill_runner_and_trainer_then_resume(tmp_path: Path) -> None:
-    study_file = write_study(tmp_path / "killed.yaml", {"timesteps.sampler": ["uniform", "cosmap"]}, 2, steps=200)
+    study_file = write_study(
+        tmp_path / "killed.yaml", {"timesteps.sampler": ["uniform", "cosmap"]}, 2, steps=200
+    )
     work = tmp_path / "work"
-    cmd = [sys.executable, "-m", "harness.cli", "study", "run", str(study_file), "--workdir", str(work)]
-    runner = subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "harness.cli",
+        "study",
+        "run",
+        str(study_file),
+        "--workdir",
+        str(work),
+    ]
+    runner = subprocess.Popen(
+        cmd, env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     ckpt = work / "runs" / "killed" / "0000" / "checkpoints" / "latest.pt"
     deadline = time.time() + 240
     while time.time() < deadline and not ckpt.exists():
         time.sleep(0.1)
-    assert ckpt.exists(), runner.communicate(timeout=5)[0] if runner.poll() is not None else "no checkpoint"
+    assert ckpt.exists(), (
+        runner.communicate(timeout=5)[0] if runner.poll() is not None else "no checkpoint"
+    )
     trainer_pid = json.loads((ckpt.parents[1] / "runner.json").read_text())["trainer_pid"]
     runner.send_signal(signal.SIGKILL)
     os.killpg(trainer_pid, signal.SIGKILL)
@@ -93,7 +114,9 @@ def test_sigkill_runner_and_trainer_then_resume(tmp_path: Path) -> None:
 
     proc = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    study = optuna.load_study(study_name="killed", storage=f"sqlite:///{(work / 'optuna.db').resolve()}")
+    study = optuna.load_study(
+        study_name="killed", storage=f"sqlite:///{(work / 'optuna.db').resolve()}"
+    )
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == 2
     # No duplicate, none lost: the killed trial 0 resumed in its own run directory (as a new
