@@ -16,6 +16,9 @@ and the ``ask`` happen under one lock: with several slots the study runs exactly
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import signal
@@ -23,7 +26,7 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,10 @@ from harness.launch import Outcome, TrainerProcess
 from harness.spec import StudySpec
 from harness.store import Store, StoreError
 from trainers.rundir import RunDir
+
+# Heartbeats and stale-trial retries are marked experimental in Optuna 5 (stable since 2.8/2.9);
+# the warning says nothing a user can act on.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 HEARTBEAT_S = 10
 GRACE_S = 60
@@ -69,6 +76,36 @@ def make_storage(url: str) -> RDBStorage:
     )
 
 
+@contextlib.contextmanager
+def claim_lock(storage: RDBStorage, url: str, study: str) -> Iterator[None]:
+    """Serialise "decide whether to start a trial, then ask" across worker processes, so that
+    several workers sharing one study together run exactly ``trials``.
+
+    PostgreSQL: a session-level advisory lock keyed by the study name (workers on any machine).
+    SQLite: an ``flock`` on a file beside the database (workers on one machine). Other URLs:
+    only the threads of one runner are serialised (the caller's lock)."""
+    if url.startswith("postgresql"):
+        from sqlalchemy import text
+
+        key = int.from_bytes(hashlib.sha256(study.encode()).digest()[:8], "big", signed=True)
+        with storage.engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                conn.commit()
+    elif url.startswith("sqlite:///"):
+        with open(url.removeprefix("sqlite:///") + ".lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+    else:
+        yield
+
+
 def device_slots(spec: StudySpec) -> list[list[str] | None]:
     """One entry per concurrently running trial: a list of GPU ids, or None for CPU."""
     import torch
@@ -97,7 +134,8 @@ class StudyRunner:
         self.work.root.mkdir(parents=True, exist_ok=True)
         self.console = console or Console(stderr=True)
         self.store = Store(self.work.store)
-        self.storage = make_storage(spec.optuna.storage or self.work.optuna_url)
+        self.url = spec.optuna.storage or self.work.optuna_url
+        self.storage = make_storage(self.url)
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.live: dict[int, TrainerProcess] = {}
@@ -199,7 +237,7 @@ class StudyRunner:
 
     def _work(self, study: optuna.Study, slot: list[str] | None, target: int) -> None:
         while not self.stopping.is_set():
-            with self.lock:
+            with self.lock, claim_lock(self.storage, self.url, self.spec.name):
                 optuna.storages.fail_stale_trials(study)
                 if not self._should_start(study, target):
                     return

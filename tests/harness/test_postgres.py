@@ -1,0 +1,69 @@
+"""Several `harness study run` workers sharing one study on a real PostgreSQL server.
+
+`.ci/run` starts the server (`.ci/postgres.sh`) and sets HARNESS_TEST_POSTGRES. Without it the
+test is skipped locally, but in CI (CI=true) a missing server is a failure, not a skip.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+
+from tests.harness.test_runner import write_study
+from tests.trainers.trainer_utils import REPO, env
+
+URL = os.environ.get("HARNESS_TEST_POSTGRES")
+pytestmark = pytest.mark.slow
+
+if not URL and os.environ.get("CI"):
+    raise RuntimeError("CI must set HARNESS_TEST_POSTGRES (see .ci/run and .ci/postgres.sh)")
+
+
+@pytest.mark.skipif(
+    not URL, reason="no PostgreSQL server: run `bash .ci/postgres.sh` and export its URL"
+)
+def test_two_workers_share_one_study_and_run_exactly_n_trials(tmp_path: Path) -> None:
+    name = f"shared-{uuid.uuid4().hex[:8]}"
+    search = {"timesteps.sampler": ["uniform", "logit_normal", "mode", "cosmap"]}
+    study_file = write_study(
+        tmp_path / f"{name}.yaml",
+        search,
+        3,
+        steps=6,
+        optuna={"sampler": "random", "pruner": "none", "seed": 0, "storage": URL},
+    )
+    workers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "harness.cli",
+                "study",
+                "run",
+                str(study_file),
+                "--workdir",
+                str(tmp_path / f"worker{i}"),
+            ],
+            env=env(),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    for w, out in zip(workers, outputs, strict=True):
+        assert w.returncode == 0, out[-3000:]
+    study = optuna.load_study(study_name=name, storage=URL)
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 3 and len(states) == 3, states
+    # Each trial ran in exactly one worker's work directory.
+    run_dirs = [Path(t.user_attrs["run_dir"]) for t in study.trials]
+    assert len(set(run_dirs)) == 3 and all((d / "status.json").exists() for d in run_dirs)
