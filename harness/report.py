@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import optuna
+from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 from scipy import stats
 
@@ -56,7 +57,16 @@ def ablation_markdown(
         f"Objective: {objective} ({directions[0]}); ± is a 95% t-interval over trials."
     )
     secondary = [m for m in SECONDARY if m != objective]
-    params = sorted({p for t in done for p in t.params})
+    # Per-value tables for the categorical choices; continuous parameters are in the importances
+    # and the trials table (a table of unique floats would be one row per trial).
+    params = sorted(
+        {
+            p
+            for t in done
+            for p, d in t.distributions.items()
+            if isinstance(d, CategoricalDistribution)
+        }
+    )
     for p in params:
         values = sorted(
             {t.params[p] for t in done if p in t.params}, key=lambda v: (str(type(v)), v)
@@ -127,9 +137,6 @@ def _all_trials(trials: list, metrics: Sequence[str]) -> list[str]:
         vals = [_fmt(v) for v in (t.values or [])] or ["-"] * len(metrics)
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in t.params.items())
         note = str(t.user_attrs.get("error", "")).replace("|", "/").replace("\n", " ")[:120]
-        out.append(
-            f"| {t.number} | {t.state.name.lower()} | "
-            + " | ".join(vals)
-            + f" | {params} | {note} |"
-        )
+        state = {"fail": "failed"}.get(t.state.name.lower(), t.state.name.lower())
+        out.append(f"| {t.number} | {state} | " + " | ".join(vals) + f" | {params} | {note} |")
     return out

@@ -188,7 +188,12 @@ class StudyRunner:
             if info.get("host") != self.host or _alive(info.get("runner_pid")):
                 continue  # another live runner owns it, or another host (heartbeats cover it)
             _stop_group(info.get("trainer_pid"))
+            reason = "interrupted: its runner died; re-queued to resume"
+            self.storage.set_trial_user_attr(t._trial_id, "error", reason)
             self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            self.store.upsert_trial(
+                self.spec.name, t.number, "failed", error=reason, ended_at=time.time()
+            )
             self._requeue(study, t.params, self._group(t))
             self.console.print(f"[yellow]trial {t.number}: its runner died; re-queued to resume")
 
@@ -212,6 +217,7 @@ class StudyRunner:
         ]
         for th in threads:
             th.start()
+        _stop_on_signals()
         try:
             while any(th.is_alive() for th in threads):
                 for th in threads:
@@ -420,6 +426,20 @@ class StudyRunner:
                     f"[red]trial {trial.number} failed[/]: {outcome.reason}"
                     + (f"\n    {tail}" if tail else "")
                 )
+
+
+def _stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM (a scheduler, ``kill``) both stop the study cleanly: the main thread
+    gets KeyboardInterrupt, the trainers get SIGTERM and checkpoint. SIGINT is reset too, since a
+    runner started in the background by a shell inherits it ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _tell(study: optuna.Study, trial: optuna.Trial, **kw: Any) -> None:
