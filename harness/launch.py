@@ -105,8 +105,14 @@ class TrainerProcess:
         fresh, self._seen = records[self._seen :], len(records)
         return fresh
 
-    def follow(self, on_metric: MetricCallback, poll_s: float = 0.5) -> Outcome:
-        """Wait for the trainer to end. ``on_metric`` returns True to prune (SIGTERM)."""
+    def follow(
+        self,
+        on_metric: MetricCallback,
+        on_poll: Callable[[], None] | None = None,
+        poll_s: float = 0.5,
+    ) -> Outcome:
+        """Wait for the trainer to end. ``on_metric`` returns True to prune (SIGTERM);
+        ``on_poll`` runs at every poll (the runner's heartbeat)."""
         assert self.proc is not None, "start() first"
         t0 = time.time()
         final: dict[str, float] = {}
@@ -120,6 +126,8 @@ class TrainerProcess:
                     self.stop()
             if done:
                 break
+            if on_poll is not None:
+                on_poll()
             time.sleep(poll_s)
         outcome = self._classify(self.proc.returncode)
         outcome.final, outcome.seconds = final, time.time() - t0

@@ -340,10 +340,11 @@ class StudyRunner:
         self.live[trial.number] = proc
         where = f"GPU {','.join(slot)}" if slot else "CPU"
         self.console.print(f"trial {trial.number} started on {where}: {_fmt(params)}")
-        beat = [time.time()]
+        beat = [0.0]  # the first poll records a heartbeat at once
         try:
             outcome = proc.follow(
-                lambda step, name, value: self._on_metric(trial, beat, step, name, value)
+                lambda step, name, value: self._on_metric(trial, step, name, value),
+                on_poll=lambda: self._heartbeat(trial, beat),
             )
         finally:
             self.live.pop(trial.number, None)
@@ -357,13 +358,14 @@ class StudyRunner:
             self.console.print(f"[red]trial {trial.number}: could not ingest {run.root}: {err}")
         self._finish(study, trial, outcome, params, run_id, started, slot)
 
-    def _on_metric(
-        self, trial: optuna.Trial, beat: list[float], step: int, name: str, value: float | None
-    ) -> bool:
+    def _heartbeat(self, trial: optuna.Trial, beat: list[float]) -> None:
+        """Tell Optuna the trial is alive (every HEARTBEAT_S while its trainer runs)."""
         now = time.time()
         if now - beat[0] > HEARTBEAT_S:
             self.storage.record_heartbeat(trial._trial_id)
             beat[0] = now
+
+    def _on_metric(self, trial: optuna.Trial, step: int, name: str, value: float | None) -> bool:
         if self.spec.multi_objective or value is None or name != self.spec.metrics[0]:
             return False
         trial.report(value, step)
