@@ -47,7 +47,8 @@ def ablation_markdown(
     study: optuna.Study, metrics: Sequence[str], directions: Sequence[str]
 ) -> str:
     trials = study.get_trials(deepcopy=False)
-    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    # A repeat reuses an earlier trial's result: counting it twice would fake a tighter interval.
+    done = [t for t in trials if t.state == TrialState.COMPLETE and "repeat_of" not in t.user_attrs]
     objective = metrics[0]
     lines = [f"# Study {study.study_name}", ""]
     counts = {s: sum(t.state == s for t in trials) for s in TrialState}
@@ -137,6 +138,8 @@ def _all_trials(trials: list, metrics: Sequence[str]) -> list[str]:
         vals = [_fmt(v) for v in (t.values or [])] or ["-"] * len(metrics)
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in t.params.items())
         note = str(t.user_attrs.get("error", "")).replace("|", "/").replace("\n", " ")[:120]
+        if "repeat_of" in t.user_attrs:
+            note = f"same config as trial {t.user_attrs['repeat_of']}: result reused"
         state = {"fail": "failed"}.get(t.state.name.lower(), t.state.name.lower())
         out.append(f"| {t.number} | {state} | " + " | ".join(vals) + f" | {params} | {note} |")
     return out

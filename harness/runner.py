@@ -127,6 +127,13 @@ class TrialFailed(RuntimeError):
     pass
 
 
+class Repeat(Exception):
+    """The sampler proposed a configuration that already completed (training is deterministic)."""
+
+    def __init__(self, original: optuna.trial.FrozenTrial):
+        self.original = original
+
+
 class StudyRunner:
     def __init__(self, spec: StudySpec, workdir: Path, console: Console | None = None):
         self.spec = spec
@@ -273,9 +280,14 @@ class StudyRunner:
             return self._group(study.get_trials(deepcopy=False)[int(failed)])
         return trial.number
 
-    def _prepare(self, trial: optuna.Trial, group: int) -> tuple[dict[str, Any], RunDir, str]:
+    def _prepare(
+        self, study: optuna.Study, trial: optuna.Trial, group: int
+    ) -> tuple[dict[str, Any], RunDir, str]:
         params = self.spec.suggest(trial)
         config = self.spec.trainer_info.config.model_validate(self.spec.resolve(params))
+        for done in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if done.user_attrs.get("config_hash") == config.hash():
+                raise Repeat(done)
         run = RunDir(self.work.run_dir(self.spec.name, group))
         run.create()
         stored = run.read_config()
@@ -303,7 +315,10 @@ class StudyRunner:
     ) -> None:
         started = time.time()
         try:
-            params, run, run_id = self._prepare(trial, group)
+            params, run, run_id = self._prepare(study, trial, group)
+        except Repeat as rep:  # reuse the result rather than train the same config again
+            self._repeat(study, trial, rep.original, started)
+            return
         except Exception as err:  # a config the trainer refuses: the trial fails, the study goes on
             self._finish(
                 study,
@@ -357,6 +372,32 @@ class StudyRunner:
         except StoreError as err:  # the trial's outcome stands; its files stay in the run dir
             self.console.print(f"[red]trial {trial.number}: could not ingest {run.root}: {err}")
         self._finish(study, trial, outcome, params, run_id, started, slot)
+
+    def _repeat(
+        self,
+        study: optuna.Study,
+        trial: optuna.Trial,
+        original: optuna.trial.FrozenTrial,
+        started: float,
+    ) -> None:
+        for key in ("run_dir", "config_hash", "final_metrics"):
+            trial.set_user_attr(key, original.user_attrs.get(key))
+        trial.set_user_attr("repeat_of", original.number)
+        _tell(study, trial, values=original.values)
+        self.store.upsert_trial(
+            self.spec.name,
+            trial.number,
+            "complete",
+            params=dict(original.params),
+            values=original.values,
+            started_at=started,
+            ended_at=time.time(),
+            gpu_seconds=0.0,
+            error=f"repeat of trial {original.number}: result reused, not retrained",
+        )
+        self.console.print(
+            f"trial {trial.number} repeats trial {original.number}'s config: result reused"
+        )
 
     def _heartbeat(self, trial: optuna.Trial, beat: list[float]) -> None:
         """Tell Optuna the trial is alive (every HEARTBEAT_S while its trainer runs)."""

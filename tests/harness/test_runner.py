@@ -135,3 +135,20 @@ def test_mean_ci_matches_scipy() -> None:
     lo, hi = stats.t.interval(0.95, len(values) - 1, loc=mean, scale=stats.sem(values))
     assert mean == pytest.approx(3.5) and half == pytest.approx((hi - lo) / 2)
     assert mean_ci([2.0]) == (2.0, None)
+
+
+def test_a_repeated_config_reuses_the_result(tmp_path: Path) -> None:
+    # One possible configuration, two trials: the second is a repeat and must not retrain.
+    study_file = write_study(
+        tmp_path / "repeat.yaml",
+        {"timesteps.sampler": ["cosmap"]},
+        2,
+        optuna={"sampler": "random", "pruner": "none", "seed": 0},
+    )
+    study = StudyRunner(load_study(study_file), tmp_path / "work").run()
+    first, second = study.trials
+    assert first.state == second.state == optuna.trial.TrialState.COMPLETE
+    assert second.user_attrs["repeat_of"] == 0 and second.values == first.values
+    assert not (tmp_path / "work" / "runs" / "repeat" / "0001").exists()
+    report = ablation_markdown(study, ["domain_fid"], ["minimize"])
+    assert "| cosmap | 1 |" in report and "result reused" in report
