@@ -644,7 +644,7 @@ def test_timestep_study() -> None:
     assert spec.search["timesteps.sampler"].values == ["uniform", "logit_normal", "mode", "cosmap"]
     assert spec.search["timesteps.logit_std"].when == {"timesteps.sampler": "logit_normal"}
     base = parse_config(spec.base)
-    assert base.train.steps == 600 and base.eval.every == 300 and base.eval.num_images == 64
+    assert base.train.steps == 300 and base.eval.every == 300 and base.eval.num_images == 64
     study = optuna.create_study(sampler=spec.make_sampler(), pruner=spec.make_pruner())
     for _ in range(8):
         trial = study.ask()
