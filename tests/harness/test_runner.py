@@ -152,3 +152,24 @@ def test_a_repeated_config_reuses_the_result(tmp_path: Path) -> None:
     assert not (tmp_path / "work" / "runs" / "repeat" / "0001").exists()
     report = ablation_markdown(study, ["domain_fid"], ["minimize"])
     assert "| cosmap | 1 |" in report and "result reused" in report
+
+
+def test_pruned_trial_gets_sigterm_and_is_recorded_as_pruned(tmp_path: Path, monkeypatch) -> None:
+    from harness.spec import StudySpec
+
+    # Prune at the first reported objective value (domain FID is always > 0).
+    monkeypatch.setattr(
+        StudySpec, "make_pruner", lambda self: optuna.pruners.ThresholdPruner(upper=0.0)
+    )
+    study_file = write_study(
+        tmp_path / "pruned.yaml", {"timesteps.sampler": ["uniform"]}, 1, steps=400
+    )
+    study = StudyRunner(load_study(study_file), tmp_path / "work").run()
+    (trial,) = study.trials
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    run = Path(trial.user_attrs["run_dir"])
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "stopped" and status["step"] < 400  # stopped early by SIGTERM
+    assert (run / "checkpoints" / "latest.pt").exists()
+    rows = Store(tmp_path / "work" / "harness.duckdb").trials("pruned")
+    assert rows[0]["state"] == "pruned"
