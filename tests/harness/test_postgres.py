@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import optuna
 import pytest
 
-from tests.harness.test_runner import write_study
+from tests.harness.test_runner import study_run_cmd, write_study
 from tests.trainers.trainer_utils import REPO, env
 
 URL = os.environ.get("HARNESS_TEST_POSTGRES")
@@ -40,16 +39,7 @@ def test_two_workers_share_one_study_and_run_exactly_n_trials(tmp_path: Path) ->
     )
     workers = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "harness.cli",
-                "study",
-                "run",
-                str(study_file),
-                "--workdir",
-                str(tmp_path / f"worker{i}"),
-            ],
+            study_run_cmd(study_file, tmp_path / f"worker{i}"),
             env=env(),
             cwd=REPO,
             stdout=subprocess.PIPE,

@@ -38,6 +38,20 @@ def write_study(path: Path, search: dict, trials: int, steps: int = 8, **extra) 
     return path
 
 
+def study_run_cmd(study_file: Path, workdir: Path) -> list[str]:
+    """`harness study run` as a separate process (as a user or a second worker runs it)."""
+    return [
+        sys.executable,
+        "-m",
+        "harness.cli",
+        "study",
+        "run",
+        str(study_file),
+        "--workdir",
+        str(workdir),
+    ]
+
+
 def test_tiny_study_runs_records_and_reports(tmp_path: Path) -> None:
     spec = load_study(
         write_study(tmp_path / "tiny.yaml", {"timesteps.sampler": ["uniform", "cosmap"]}, 2)
@@ -85,16 +99,7 @@ def test_sigkill_runner_and_trainer_then_resume(tmp_path: Path) -> None:
         tmp_path / "killed.yaml", {"timesteps.sampler": ["uniform", "cosmap"]}, 2, steps=200
     )
     work = tmp_path / "work"
-    cmd = [
-        sys.executable,
-        "-m",
-        "harness.cli",
-        "study",
-        "run",
-        str(study_file),
-        "--workdir",
-        str(work),
-    ]
+    cmd = study_run_cmd(study_file, work)
     runner = subprocess.Popen(
         cmd, env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
