@@ -26,7 +26,7 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -525,16 +525,3 @@ def _stop_group(pid: int | None, timeout: float = 120) -> None:
         time.sleep(0.2)
     if _alive(pid):
         os.killpg(pid, signal.SIGKILL)
-
-
-def summarize(study: optuna.Study, metrics: Sequence[str]) -> list[dict[str, Any]]:
-    """One row per trial for tables: number, state, params, values, error."""
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        row: dict[str, Any] = {"trial": t.number, "state": t.state.name.lower(), **t.params}
-        for m, v in zip(metrics, t.values or [], strict=False):
-            row[m] = v
-        if t.user_attrs.get("error"):
-            row["error"] = t.user_attrs["error"]
-        rows.append(row)
-    return rows

@@ -25,7 +25,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from trainers.errors import WeightsError
-from trainers.flow import initial_noise, sample, solver_nfe
+from trainers.flow import initial_noise, sample
 from trainers.models import Denoiser
 from trainers.text import load_text_encoder, save_text_encoder
 
@@ -105,9 +105,6 @@ class ExportedModel:
             shift=self.shift if shift is None else shift,
             vae=self.vae,
         )
-
-    def nfe(self, solver: str, steps: int) -> int:
-        return solver_nfe(solver, steps)
 
 
 def generate_images(

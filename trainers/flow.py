@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from trainers.config import TimestepConfig
 from trainers.text import TextEmbeddings
@@ -124,10 +123,6 @@ def _concat_text(a: TextEmbeddings, b: TextEmbeddings) -> TextEmbeddings:
     return TextEmbeddings(
         tokens=cat(a.tokens, b.tokens), pooled=cat(a.pooled, b.pooled), mask=cat(a.mask, b.mask)
     )
-
-
-def count_trainable(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
 if __name__ == "__main__":  # pragma: no cover - thin entry point, tested through subprocesses
