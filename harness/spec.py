@@ -16,7 +16,6 @@ whose lines each name the key path, the bad value and what is allowed.
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 import math
 import re
@@ -31,6 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from trainers.config import FlowConfig
+from trainers.names import did_you_mean
 
 if TYPE_CHECKING:
     import optuna
@@ -137,10 +137,7 @@ def _show(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _did_you_mean(word: Any, options: Iterable[Any]) -> str:
-    names = [str(o) for o in options]
-    match = difflib.get_close_matches(str(word), names, n=1, cutoff=0.6)
-    return f" (did you mean {match[0]!r}?)" if match else ""
+_did_you_mean = did_you_mean
 
 
 def _registered(name: str, registry: Mapping[str, Any], what: str) -> str:

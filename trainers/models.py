@@ -6,7 +6,6 @@ a noisy image, a time in [0, 1] and text embeddings to a prediction of the same 
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 from diffusers import PixArtTransformer2DModel, SD3Transformer2DModel
 from torch import nn
 
+from trainers.names import lookup
 from trainers.text import TextEmbeddings
 
 
@@ -123,15 +123,6 @@ BACKBONES: dict[str, Backbone] = {
     "sd3": Backbone(SD3Transformer2DModel, _sd3, _sd3_forward),
     "pixart": Backbone(PixArtTransformer2DModel, _pixart, _pixart_forward),
 }
-
-
-def lookup(registry: dict[str, Any], name: str, what: str) -> Any:
-    """``registry[name]`` or a KeyError that names the allowed values and the closest match."""
-    if name in registry:
-        return registry[name]
-    close = difflib.get_close_matches(name, registry, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise KeyError(f"unknown {what} {name!r}{hint}; allowed: {', '.join(registry)}")
 
 
 class Denoiser(nn.Module):

@@ -26,7 +26,6 @@ with ``local_files_only=True`` everywhere: nothing is ever downloaded.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import re
@@ -43,6 +42,7 @@ from torch import Tensor, nn
 
 from trainers.config import TextConfig
 from trainers.errors import WeightsError, download_hint, resolve_pretrained_dir
+from trainers.names import did_you_mean
 
 __all__ = [
     "DEFAULT_HUB_IDS",
@@ -683,9 +683,8 @@ _FROZEN_CLASSES: dict[str, type[FrozenTextEncoder]] = {
 
 
 def _unknown(name: str) -> str:
-    close = difflib.get_close_matches(name, TEXT_ENCODERS, n=1)
-    suggestion = f"; did you mean {close[0]!r}?" if close else ""
-    return f"unknown text encoder {name!r} (known: {', '.join(TEXT_ENCODERS)}){suggestion}"
+    known = ", ".join(TEXT_ENCODERS)
+    return f"unknown text encoder {name!r} (known: {known}){did_you_mean(name, TEXT_ENCODERS)}"
 
 
 def build_text_encoder(cfg: TextConfig, vocabulary: list[str] | None = None) -> nn.Module:

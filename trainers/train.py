@@ -217,9 +217,9 @@ class FlowTrainer:
         self.net = FlowNet(denoiser, text_encoder).to(self.device)
         self.ema = EMAModel(self.net.parameters(), decay=cfg.train.ema_decay)
         self.ema_net = self.net.ema_copy()
-        params = [p for p in self.net.parameters() if p.requires_grad]
+        self.params = [p for p in self.net.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(
-            params, lr=cfg.train.lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay
+            self.params, lr=cfg.train.lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay
         )
         warmup = cfg.train.warmup_steps
         self.sched = torch.optim.lr_scheduler.LambdaLR(
@@ -310,9 +310,8 @@ class FlowTrainer:
             raise NonFiniteLoss(f"non-finite loss ({reduced}) at step {self.step + 1}")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        params = [p for p in self.net.parameters() if p.requires_grad]
         clip = cfg.train.grad_clip if cfg.train.grad_clip is not None else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
         self.opt.step()
         self.sched.step()
         self.ema.step(self.net.parameters())
