@@ -67,36 +67,50 @@ class Workdir:
 
 
 def make_storage(url: str) -> RDBStorage:
-    """Optuna RDB storage with heartbeats: a trial whose runner died is failed and re-queued."""
-    return RDBStorage(
-        url,
-        heartbeat_interval=HEARTBEAT_S,
-        grace_period=GRACE_S,
-        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
-    )
+    """Optuna RDB storage with heartbeats: a trial whose runner died is failed and re-queued.
+
+    Creating the storage creates Optuna's schema on a fresh database; two workers starting at
+    once on one fresh PostgreSQL database would both try (CREATE TYPE ... duplicate key), so
+    the creation is serialised with the same cross-process lock the runner uses for asks."""
+    with url_lock(url, "schema"):
+        return RDBStorage(
+            url,
+            heartbeat_interval=HEARTBEAT_S,
+            grace_period=GRACE_S,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+        )
 
 
 @contextlib.contextmanager
-def claim_lock(storage: RDBStorage, url: str, study: str) -> Iterator[None]:
-    """Serialise "decide whether to start a trial, then ask" across worker processes, so that
-    several workers sharing one study together run exactly ``trials``.
+def url_lock(url: str, name: str, engine: Any = None) -> Iterator[None]:
+    """An exclusive lock named ``name`` shared by every process that uses the storage ``url``.
 
-    PostgreSQL: a session-level advisory lock keyed by the study name (workers on any machine).
-    SQLite: an ``flock`` on a file beside the database (workers on one machine). Other URLs:
-    only the threads of one runner are serialised (the caller's lock)."""
+    PostgreSQL: a session-level advisory lock keyed by a hash of the name (workers on any
+    machine). SQLite: an ``flock`` on a file beside the database (workers on one machine).
+    Other URLs: no lock (callers also hold a thread lock)."""
+    digest = hashlib.sha256(name.encode()).digest()
     if url.startswith("postgresql"):
+        import sqlalchemy
         from sqlalchemy import text
 
-        key = int.from_bytes(hashlib.sha256(study.encode()).digest()[:8], "big", signed=True)
-        with storage.engine.connect() as conn:
-            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
-            try:
-                yield
-            finally:
-                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        key = int.from_bytes(digest[:8], "big", signed=True)
+        own = engine is None
+        if own:
+            engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
                 conn.commit()
+                try:
+                    yield
+                finally:
+                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                    conn.commit()
+        finally:
+            if own:
+                engine.dispose()
     elif url.startswith("sqlite:///"):
-        with open(url.removeprefix("sqlite:///") + ".lock", "a") as f:
+        with open(f"{url.removeprefix('sqlite:///')}.{digest.hex()[:12]}.lock", "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield
@@ -104,6 +118,12 @@ def claim_lock(storage: RDBStorage, url: str, study: str) -> Iterator[None]:
                 fcntl.flock(f, fcntl.LOCK_UN)
     else:
         yield
+
+
+def claim_lock(storage: RDBStorage, url: str, study: str) -> contextlib.AbstractContextManager:
+    """Serialise "decide whether to start a trial, then ask" across worker processes, so that
+    several workers sharing one study together run exactly ``trials``."""
+    return url_lock(url, f"claim:{study}", storage.engine)
 
 
 def device_slots(spec: StudySpec) -> list[list[str] | None]:

@@ -24,18 +24,30 @@ if not URL and os.environ.get("CI"):
     raise RuntimeError("CI must set HARNESS_TEST_POSTGRES (see .ci/run and .ci/postgres.sh)")
 
 
+def fresh_database(url: str, name: str) -> str:
+    """Create database ``name`` on the server of ``url``; return its URL."""
+    import psycopg
+
+    base, _, _ = url.rpartition("/")
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return f"{base}/{name}"
+
+
 @pytest.mark.skipif(
     not URL, reason="no PostgreSQL server: run `bash .ci/postgres.sh` and export its URL"
 )
 def test_two_workers_share_one_study_and_run_exactly_n_trials(tmp_path: Path) -> None:
     name = f"shared-{uuid.uuid4().hex[:8]}"
+    # A fresh database: both workers start at once and race to create Optuna's schema.
+    url = fresh_database(URL, name.replace("-", "_"))
     search = {"timesteps.sampler": ["uniform", "logit_normal", "mode", "cosmap"]}
     study_file = write_study(
         tmp_path / f"{name}.yaml",
         search,
         3,
         steps=6,
-        optuna={"sampler": "random", "pruner": "none", "seed": 0, "storage": URL},
+        optuna={"sampler": "random", "pruner": "none", "seed": 0, "storage": url},
     )
     workers = [
         subprocess.Popen(
@@ -51,7 +63,7 @@ def test_two_workers_share_one_study_and_run_exactly_n_trials(tmp_path: Path) ->
     outputs = [w.communicate(timeout=600)[0] for w in workers]
     for w, out in zip(workers, outputs, strict=True):
         assert w.returncode == 0, out[-3000:]
-    study = optuna.load_study(study_name=name, storage=URL)
+    study = optuna.load_study(study_name=name, storage=url)
     states = [t.state for t in study.trials]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 3 and len(states) == 3, states
     # Each trial ran in exactly one worker's work directory.
