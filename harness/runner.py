@@ -37,6 +37,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from harness.launch import Outcome, TrainerProcess
+from harness.live import StudyView
 from harness.spec import StudySpec
 from harness.store import Store, StoreError
 from trainers.rundir import RunDir
@@ -168,6 +169,7 @@ class StudyRunner:
         self.live: dict[int, TrainerProcess] = {}
         self.errors: list[BaseException] = []
         self.host = socket.gethostname()
+        self.view: StudyView | None = None
 
     # -- study --------------------------------------------------------------------------------
     def open_study(self) -> optuna.Study:
@@ -238,17 +240,19 @@ class StudyRunner:
             f"study [bold]{self.spec.name}[/]: {c['complete']} complete, {c['pruned']} pruned, "
             f"{c['fail']} failed of {target}; {len(slots)} slot(s); work dir {self.work.root}"
         )
+        self.view = self._make_view(study, target, c)
         threads = [
             threading.Thread(target=self._worker, args=(study, slot, target), daemon=True)
             for slot in slots
         ]
-        for th in threads:
-            th.start()
         _stop_on_signals()
         try:
-            while any(th.is_alive() for th in threads):
+            with self.view.show():
                 for th in threads:
-                    th.join(timeout=0.5)
+                    th.start()
+                while any(th.is_alive() for th in threads):
+                    for th in threads:
+                        th.join(timeout=0.5)
         except KeyboardInterrupt:
             self.console.print("[yellow]interrupted: stopping trainers (they checkpoint)...")
             self.stopping.set()
@@ -260,6 +264,22 @@ class StudyRunner:
         if self.errors:
             raise self.errors[0]
         return study
+
+    def _make_view(self, study: optuna.Study, target: int, c: dict[str, int]) -> StudyView:
+        best = None
+        if not self.spec.multi_objective and c["complete"]:
+            t = study.best_trial
+            best = (t.number, list(t.values))
+        counts = {"complete": c["complete"], "pruned": c["pruned"], "failed": c["fail"]}
+        return StudyView(
+            self.console,
+            self.spec.name,
+            target,
+            self.spec.metrics,
+            self.spec.directions,
+            counts,
+            best,
+        )
 
     def _worker(self, study: optuna.Study, slot: list[str] | None, target: int) -> None:
         try:
@@ -302,7 +322,7 @@ class StudyRunner:
 
     def _prepare(
         self, study: optuna.Study, trial: optuna.Trial, group: int
-    ) -> tuple[dict[str, Any], RunDir, str]:
+    ) -> tuple[dict[str, Any], RunDir, str, int | None]:
         params = self.spec.suggest(trial)
         config = self.spec.trainer_info.config.model_validate(self.spec.resolve(params))
         for done in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
@@ -328,14 +348,15 @@ class StudyRunner:
         )
         trial.set_user_attr("run_dir", str(run.root))
         trial.set_user_attr("config_hash", config.hash())
-        return params, run, run_id
+        total = getattr(getattr(config, "train", None), "steps", None)
+        return params, run, run_id, total
 
     def _run_trial(
         self, study: optuna.Study, trial: optuna.Trial, group: int, slot: list[str] | None
     ) -> None:
         started = time.time()
         try:
-            params, run, run_id = self._prepare(study, trial, group)
+            params, run, run_id, total = self._prepare(study, trial, group)
         except Repeat as rep:  # reuse the result rather than train the same config again
             self._repeat(study, trial, rep.original, started)
             return
@@ -375,6 +396,7 @@ class StudyRunner:
         self.live[trial.number] = proc
         where = f"GPU {','.join(slot)}" if slot else "CPU"
         self.console.print(f"trial {trial.number} started on {where}: {_fmt(params)}")
+        self._view().started(trial.number, _fmt(params), where, total)
         beat = [0.0]  # the first poll records a heartbeat at once
         try:
             outcome = proc.follow(
@@ -418,6 +440,7 @@ class StudyRunner:
         self.console.print(
             f"trial {trial.number} repeats trial {original.number}'s config: result reused"
         )
+        self._view().ended(trial.number, "complete", original.values)
 
     def _heartbeat(self, trial: optuna.Trial, beat: list[float]) -> None:
         """Tell Optuna the trial is alive (every HEARTBEAT_S while its trainer runs)."""
@@ -426,7 +449,19 @@ class StudyRunner:
             self.storage.record_heartbeat(trial._trial_id)
             beat[0] = now
 
+    def _view(self) -> StudyView:
+        if self.view is None:  # trials run outside run() (tests): a view nobody shows
+            self.view = StudyView(
+                self.console,
+                self.spec.name,
+                self.spec.trials,
+                self.spec.metrics,
+                self.spec.directions,
+            )
+        return self.view
+
     def _on_metric(self, trial: optuna.Trial, step: int, name: str, value: float | None) -> bool:
+        self._view().metric(trial.number, step, name, value)
         if self.spec.multi_objective or value is None or name != self.spec.metrics[0]:
             return False
         trial.report(value, step)
@@ -458,6 +493,7 @@ class StudyRunner:
             else:
                 values = [float(outcome.final[m]) for m in self.spec.metrics]
         name = self.spec.name
+        self._view().ended(trial.number, outcome.state, values)
         if outcome.state == "complete":
             _tell(study, trial, values=values)
             self.store.upsert_trial(name, trial.number, "complete", values=values, **common)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from rich.console import Console
 
 from harness.report import ablation_markdown, mean_ci
 from harness.runner import StudyRunner
@@ -56,8 +58,13 @@ def test_tiny_study_runs_records_and_reports(tmp_path: Path) -> None:
     spec = load_study(
         write_study(tmp_path / "tiny.yaml", {"timesteps.sampler": ["uniform", "cosmap"]}, 2)
     )
-    runner = StudyRunner(spec, tmp_path / "work")
+    log = io.StringIO()
+    runner = StudyRunner(spec, tmp_path / "work", console=Console(file=log, width=200))
     study = runner.run()
+    # Log mode (not a terminal): a progress line per trial at half-way, then the summary.
+    out = log.getvalue()
+    assert "trial 0: step 4/8 (50%), train/loss" in out and "trial 1: step 4/8 (50%)" in out
+    assert "study tiny: 2/2 done (2 complete, 0 pruned, 0 failed), 0 running; best" in out
     states = [t.state for t in study.get_trials()]
     assert states == [optuna.trial.TrialState.COMPLETE] * 2
     assert {t.params["timesteps.sampler"] for t in study.trials} == {"uniform", "cosmap"}
