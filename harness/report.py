@@ -8,8 +8,11 @@ trial and its parameters, and every trial with its state (failures with their re
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -92,20 +95,45 @@ def ablation_markdown(
             lines.append(
                 "| " + " | ".join([_fmt(v), str(len(group)), _cell(obj), _fmt(best), *sec]) + " |"
             )
-    lines += _importances(study, done)
+    lines += _importances(study, done, objective, directions)
     lines += _best(study, done, metrics)
     lines += _all_trials(trials, metrics)
     return "\n".join(lines) + "\n"
 
 
-def _importances(study: optuna.Study, done: list) -> list[str]:
+def importance_target(
+    directions: Sequence[str],
+) -> Callable[[optuna.trial.FrozenTrial], float]:
+    """The first objective as a target for Optuna's importance evaluators, which (PED-ANOVA,
+    Optuna's default) rank what makes the target *low*: a maximised objective is negated."""
+    sign = -1.0 if directions[0] == "maximize" else 1.0
+    return lambda t: sign * t.values[0]
+
+
+@contextlib.contextmanager
+def quiet_importance_warning() -> Iterator[None]:
+    """PED-ANOVA warns on every explicit target that it ranks low values; importance_target
+    already flips maximised objectives, so the warning says nothing actionable."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator computes")
+        yield
+
+
+def _importances(
+    study: optuna.Study, done: list, objective: str, directions: Sequence[str]
+) -> list[str]:
     if len(done) < 3:
         return ["", "Parameter importances need at least 3 complete trials."]
+    multi = len(directions) > 1
     try:
-        imp = optuna.importance.get_param_importances(study)
+        with quiet_importance_warning():
+            imp = optuna.importance.get_param_importances(
+                study, target=importance_target(directions) if multi else None
+            )
     except (RuntimeError, ValueError) as err:
         return ["", f"Parameter importances unavailable: {err}"]
-    out = ["", "## Parameter importances", "", "| parameter | importance |", "|---|---|"]
+    out = ["", f"## Parameter importances ({objective})", "", "| parameter | importance |"]
+    out.append("|---|---|")
     out += [f"| {k} | {v:.3f} |" for k, v in imp.items()]
     return out
 
@@ -122,7 +150,11 @@ def _best(study: optuna.Study, done: list, metrics: Sequence[str]) -> list[str]:
     out = ["", f"## Best trial: {t.number} ({metrics[0]} = {_fmt(t.values[0])})", ""]
     out += [f"- `{k}`: {_fmt(v)}" for k, v in t.params.items()]
     if "run_dir" in t.user_attrs:
-        out.append(f"- run directory: `{t.user_attrs['run_dir']}` (samples in `samples/final/`)")
+        run_dir = Path(t.user_attrs["run_dir"])
+        out.append(f"- run directory: `{run_dir}` (samples in `samples/final/`)")
+        config = run_dir / "config.json"
+        if config.exists():
+            out += ["", "Its trainer config:", "", "```json", config.read_text().strip(), "```"]
     return out
 
 

@@ -15,7 +15,9 @@ import optuna
 import pytest
 import yaml
 from rich.console import Console
+from typer.testing import CliRunner
 
+from harness.cli import app
 from harness.report import ablation_markdown, mean_ci
 from harness.runner import StudyRunner
 from harness.spec import load_study
@@ -81,6 +83,21 @@ def test_tiny_study_runs_records_and_reports(tmp_path: Path) -> None:
         assert t.values[0] == pytest.approx(final["value"])
     report = ablation_markdown(study, spec.metrics, spec.directions)
     assert "## timesteps.sampler" in report and "| cosmap | 1 |" in report
+    # The CLI report: Markdown on stdout, HTML with the plots and the best trial's samples.
+    html_path = tmp_path / "tiny.html"
+    res = CliRunner().invoke(
+        app,
+        ["study", "report", "tiny", "--workdir", str(tmp_path / "work"), "--html", str(html_path)],
+    )
+    assert res.exit_code == 0, res.output
+    assert "## timesteps.sampler" in res.stdout and '"sampler": "' in res.stdout  # best config
+    page = html_path.read_text()
+    for title in ("Objective history", "Parameter slices", "domain_fid against step"):
+        assert f"<h2>{title}" in page, title
+    assert "trial 0 (complete)" in page and "trial 1 (complete)" in page  # one curve per trial
+    best_samples = store.samples(f"tiny/{study.best_trial.number:04d}")
+    final = [s for s in best_samples if s["tag"] == "final"]
+    assert final and page.count('<img src="data:image/png;base64,') == len(final)
     # Rerunning a finished study runs nothing more.
     again = StudyRunner(spec, tmp_path / "work").run()
     assert len(again.trials) == 2
