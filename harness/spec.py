@@ -50,11 +50,14 @@ def _eval_metric_names(prefix: str, with_fid: bool) -> list[str]:
     return (["domain_fid"] if with_fid else []) + names
 
 
+SHAPES_ONLY_METRICS: frozenset[str] = frozenset(
+    [*_eval_metric_names("", with_fid=True), *_eval_metric_names("heldout_", with_fid=False)]
+)
+"""Written only when the trainer trains on the embedded shapes (the domain evaluator)."""
 FLOW_METRICS: frozenset[str] = frozenset(
     [
-        *("train/loss", "train/images_per_s", "train/lr", "train/grad_norm"),
-        *_eval_metric_names("", with_fid=True),
-        *_eval_metric_names("heldout_", with_fid=False),
+        *("train/loss", "train/images_per_s", "train/lr", "train/grad_norm", "eval/flow_loss"),
+        *SHAPES_ONLY_METRICS,
     ]
 )
 """Every metric name the flow trainer writes to ``metrics.jsonl`` (trainers/train.py and
@@ -1100,6 +1103,13 @@ def _parse_document(doc: dict[str, Any], path: Path, files: list[Path]) -> Study
     raw_search = doc.get("search")
     search = _parse_search(raw_search, problems) if "search" in doc else {}
     base = _parse_base(doc, problems)
+    if base is not None and (base.get("data") or {}).get("kind") == "folder":
+        problems += [
+            f"objective: {o.metric!r} is only written on the embedded shapes data, and "
+            "base.data.kind is folder; use eval/flow_loss (or train/loss)"
+            for o in objectives
+            if o.metric in SHAPES_ONLY_METRICS
+        ]
     bad_paths = _path_problems(search, trainer) if trainer else {}
     problems += bad_paths.values()
     cond = _condition_problems(search, raw_search if isinstance(raw_search, dict) else {})

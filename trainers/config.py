@@ -133,6 +133,11 @@ class EvalConfig(Strict):
     guidance: float = Field(3.0, ge=0.0)
     samples_every: int | None = None
     """Save a sample grid to samples/ every N steps (null: only at evaluation steps)."""
+    loss_images: int = Field(256, ge=0)
+    """Images for ``eval/flow_loss`` (0: off): the velocity loss on a fixed t grid, which does
+    not depend on the training timestep distribution, so it compares samplers on any data."""
+    loss_levels: int = Field(8, ge=1)
+    """t levels of that grid: t = (k + 0.5) / levels, k = 0 .. levels - 1, unshifted."""
 
 
 class FlowConfig(Strict):

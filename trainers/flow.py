@@ -51,6 +51,36 @@ def flow_matching_loss(
     return FlowLoss(loss, t)
 
 
+@torch.no_grad()
+def grid_flow_loss(
+    predict: Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor],
+    x0: torch.Tensor,
+    levels: int,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """Velocity MSE at the fixed grid t_k = (k + 0.5) / levels, [levels] (mean over images).
+
+    Unlike the training loss it does not depend on the timestep sampler or the shift a model was
+    trained with (t is the same grid for every model and the noise depends only on ``seed``),
+    so its mean compares timestep choices on any data; SD3 (Esser et al. 2024, sec. 5.1) uses a
+    validation loss of this kind. ``predict(x_t, t, rows)`` gets the rows of ``x0`` it sees (for
+    their captions). Chunking over images does not change the result beyond float rounding.
+    """
+    n = x0.shape[0]
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0)
+    out = torch.zeros(levels, dtype=torch.float64)
+    for k in range(levels):
+        t_k = (k + 0.5) / levels
+        for a in range(0, n, batch_size):
+            rows = slice(a, min(a + batch_size, n))
+            x, e = x0[rows], eps[rows]
+            t = torch.full((x.shape[0],), t_k, device=x.device)
+            pred = predict((1.0 - t_k) * x + t_k * e, t, rows).float()
+            out[k] += ((pred - (e - x).float()) ** 2).flatten(1).mean(1).sum().double().cpu()
+    return out / n
+
+
 def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
     """[N, *shape] standard normal noise; item i depends only on ``seeds[i]`` and ``shape``.
 

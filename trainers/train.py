@@ -33,7 +33,7 @@ from torch import nn
 from trainers.config import ConfigError, FlowConfig, load_config
 from trainers.errors import DataError, WeightsError
 from trainers.export import generate_images, save_export, state_dict_hash
-from trainers.flow import flow_matching_loss, solver_nfe
+from trainers.flow import flow_matching_loss, grid_flow_loss, solver_nfe
 from trainers.logs import Progress, tee_output
 from trainers.models import build_denoiser, count_parameters
 from trainers.rundir import RunDir
@@ -343,21 +343,47 @@ class FlowTrainer:
         return self.ema_net
 
     def evaluate(self) -> dict[str, float]:
-        """Domain metrics of EMA samples (embedded data only), logged at the current step."""
-        if not self.dist.main or self.cfg.data.kind != "shapes":
+        """The EMA model's ``eval/flow_loss`` (any data) and domain metrics of its samples
+        (embedded data only), logged at the current step."""
+        if not self.dist.main:
             return {}
-        from trainers.evaluate import ShapesEvaluator
-
-        if self.evaluator is None:
-            self.evaluator = ShapesEvaluator(self.cfg, self.device)
         net = self.ema_model()
-        values = self.evaluator.run(
-            self._generator_fn(
-                net, self.cfg.eval.solver, self.cfg.eval.steps, self.cfg.eval.guidance
+        values = self.grid_loss(net)
+        if self.cfg.data.kind == "shapes":
+            from trainers.evaluate import ShapesEvaluator
+
+            if self.evaluator is None:
+                self.evaluator = ShapesEvaluator(self.cfg, self.device)
+            values |= self.evaluator.run(
+                self._generator_fn(
+                    net, self.cfg.eval.solver, self.cfg.eval.steps, self.cfg.eval.guidance
+                )
             )
-        )
         self.run.log_metrics(self.step, values)
         return values
+
+    def grid_loss(self, net: FlowNet) -> dict[str, float]:
+        """``eval/flow_loss``: the velocity loss on a fixed t grid over the first
+        ``eval.loss_images`` training images (fixed noise), and its value per t level."""
+        n = min(self.cfg.eval.loss_images, len(self.data.captions))
+        if n == 0:
+            return {}
+        idx = torch.arange(n)
+        x0 = self.data.batch(idx, self.device)
+        captions = self.data.captions[:n]
+        per_level = grid_flow_loss(
+            lambda x_t, t, rows: net(x_t, t, captions[rows]),
+            x0,
+            self.cfg.eval.loss_levels,
+            seed=self.cfg.seed,
+            batch_size=self.cfg.train.batch_size,
+        )
+        levels = self.cfg.eval.loss_levels
+        out = {"eval/flow_loss": float(per_level.mean())}
+        out |= {
+            f"eval/flow_loss@t{(k + 0.5) / levels:.3g}": float(v) for k, v in enumerate(per_level)
+        }
+        return out
 
     def _generator_fn(self, net: FlowNet, solver: str, steps: int, guidance: float):
         def gen(prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:

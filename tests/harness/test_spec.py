@@ -6,6 +6,7 @@ import ast
 import copy
 import json
 import pickle
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -381,6 +382,11 @@ CASES: list[tuple[str, list[Callable[[dict[str, Any]], None]], list[str]]] = [
         [put("base", "data", value={"kind": "folder", "path": "no/such/folder"})],
         ["base.data.path: image folder 'no/such/folder' does not exist", "/no/such/folder"],
     ),
+    (
+        "shapes metric on folder data",
+        [put("base", "data", value={"kind": "folder", "path": "."})],
+        ["objective: 'domain_fid' is only written on the embedded shapes", "eval/flow_loss"],
+    ),
 ]
 
 
@@ -632,7 +638,7 @@ def test_known_metrics_match_the_shapes_attributes() -> None:
         assert {f"{prefix}attr_acc/{n}" for n in names} <= FLOW_METRICS
         assert {f"{prefix}attr_acc_mean", f"{prefix}attr_all_correct"} <= FLOW_METRICS
     assert {"train/loss", "train/images_per_s", "domain_fid"} <= FLOW_METRICS
-    assert len(FLOW_METRICS) == 4 + 1 + 2 * (len(names) + 2)
+    assert len(FLOW_METRICS) == 5 + 1 + 2 * (len(names) + 2)
     assert KNOWN_METRICS >= FLOW_METRICS and TRAINERS["flow"].config is FlowConfig
 
 
@@ -661,6 +667,35 @@ def test_quick_variant_overrides_trials_and_steps_only() -> None:
     rest = copy.deepcopy(quick.base)
     rest["train"]["steps"] = full.base["train"]["steps"]
     assert rest == full.base
+
+
+def test_gpu_example_scales_up_the_default(tmp_path: Path) -> None:
+    gpu = load_study(STUDIES / "timestep-gpu.yaml")
+    base = parse_config(
+        gpu.resolve(
+            gpu.suggest(
+                optuna.trial.FixedTrial(
+                    {
+                        "timesteps.sampler": "uniform",
+                        "timesteps.shift": 4.0,
+                    }
+                )
+            )
+        )
+    )
+    assert (base.model.preset, base.data.resolution, base.train.precision) == ("dit-s", 64, "bf16")
+    assert gpu.trials == 32 and gpu.metrics == ["domain_fid"]
+
+
+def test_folder_example_needs_its_folder_and_uses_a_sampler_neutral_objective(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # data.path is relative to the working directory
+    with pytest.raises(SpecError, match=re.escape("base.data.path: image folder 'data/my-images'")):
+        load_study(STUDIES / "folder.yaml")
+    (tmp_path / "data" / "my-images").mkdir(parents=True)
+    spec = load_study(STUDIES / "folder.yaml")
+    assert spec.metrics == ["eval/flow_loss"] and spec.base["data"]["kind"] == "folder"
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from trainers.config import TimestepConfig
-from trainers.flow import flow_matching_loss, initial_noise, sample, solver_nfe
+from trainers.flow import flow_matching_loss, grid_flow_loss, initial_noise, sample, solver_nfe
 from trainers.text import TextEmbeddings
 from trainers.timesteps import sampling_schedule
 
@@ -126,3 +126,27 @@ def test_initial_noise_depends_only_on_seed() -> None:
     b = initial_noise([3, 2], (3, 8, 8))
     assert torch.equal(a[2], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[0], a[1])
+
+
+def test_grid_loss_matches_the_closed_form_of_a_linear_predictor() -> None:
+    # x0 = 0: x_t = t eps and the target is eps, so v = a x_t errs by (a t - 1) eps and the
+    # loss at level t is (a t - 1)^2 E[eps^2] = (a t - 1)^2.
+    a, levels = 1.7, 5
+    x0 = torch.zeros(4000, 3, 4, 4)
+    got = grid_flow_loss(lambda x_t, t, rows: a * x_t, x0, levels, seed=3)
+    t = (torch.arange(levels, dtype=torch.float64) + 0.5) / levels
+    assert torch.allclose(got, (a * t - 1) ** 2, rtol=0.02)
+
+
+def test_grid_loss_is_independent_of_chunking_and_passes_each_chunks_rows() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(37, 2, 3, 3, generator=gen)
+    scale = torch.rand(37, 1, 1, 1, generator=gen)  # a per-image "caption"
+
+    def predict(x_t: torch.Tensor, t: torch.Tensor, rows: slice) -> torch.Tensor:
+        return scale[rows] * x_t + t.view(-1, 1, 1, 1)
+
+    whole = grid_flow_loss(predict, x0, 4, seed=1, batch_size=1000)
+    chunked = grid_flow_loss(predict, x0, 4, seed=1, batch_size=5)
+    assert torch.allclose(whole, chunked, rtol=1e-6)
+    assert not torch.allclose(whole, grid_flow_loss(predict, x0, 4, seed=2))  # noise is seeded

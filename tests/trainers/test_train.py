@@ -58,7 +58,13 @@ def test_run_directory_contract(tmp_path: Path) -> None:
         "domain_fid",
         "attr_acc_mean",
         "heldout_attr_acc_mean",
+        "eval/flow_loss",
     } <= names
+    # eval/flow_loss is the mean of its per-level values (default 8 levels at (k + 0.5) / 8).
+    last = {m["name"]: m["value"] for m in metrics if m["step"] == 30}
+    levels = [v for k, v in last.items() if k.startswith("eval/flow_loss@t")]
+    assert len(levels) == 8 and "eval/flow_loss@t0.0625" in last
+    assert last["eval/flow_loss"] == pytest.approx(sum(levels) / 8)
     assert sorted({m["step"] for m in metrics if m["name"] == "train/loss"}) == [
         5,
         10,
@@ -290,6 +296,5 @@ def test_image_folder_in_vae_latent_space(tmp_path: Path) -> None:
     images = model.generate(["noise picture number 1"], [0], steps=2)
     assert images.shape == (1, 3, 16, 16)
     names = {m["name"] for m in read_jsonl(run / "metrics.jsonl")}
-    assert (
-        "train/loss" in names and "domain_fid" not in names
-    )  # no domain evaluator off the shapes data
+    # No domain evaluator off the shapes data; the grid loss works on any data.
+    assert {"train/loss", "eval/flow_loss"} <= names and "domain_fid" not in names
