@@ -6,7 +6,6 @@ import hashlib
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +23,8 @@ from tests.trainers.trainer_utils import (
     trainer_cmd,
     write_config,
 )
-from trainers.rundir import read_jsonl
+from trainers.config import parse_config
+from trainers.rundir import RunDir, read_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -222,27 +222,20 @@ def test_different_config_in_existing_run_dir_is_refused(tmp_path: Path) -> None
 
 
 def test_ddp_two_ranks_agree_on_weights(tmp_path: Path) -> None:
+    # Launched exactly as the study runner launches a trial that asks for two GPUs (torchrun,
+    # one process per rank); without CUDA the ranks run on the CPU over gloo.
+    from harness.launch import TrainerProcess
+
     run = tmp_path / "run"
     run.mkdir()
-    cfg_path = write_config(tmp_path / "ddp.json", config(train={"steps": 12, "batch_size": 8}))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "trainers.flow",
-        "--config",
-        str(cfg_path),
-        "--run-dir",
-        str(run),
-        "--device",
-        "cpu",
-    ]
-    proc = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = parse_config(config(train={"steps": 12, "batch_size": 8}))
+    RunDir(run).write_config(cfg.to_dict(), cfg.hash())  # as the runner writes it
+    proc = TrainerProcess("trainers.flow", run, devices=None, gpus=2)
+    assert "torch.distributed.run" in proc.cmd and "--nproc_per_node=2" in proc.cmd
+    proc.start()
+    outcome = proc.follow(lambda step, name, value: False, poll_s=0.2)
+    assert outcome.state == "complete", outcome.reason + outcome.stderr_tail
+    assert outcome.final["train/loss"] > 0
     st = status(run)
     hashes = st["rank_weight_hashes"]
     assert len(hashes) == 2 and hashes[0] == hashes[1]
