@@ -202,3 +202,34 @@ def test_pruned_trial_gets_sigterm_and_is_recorded_as_pruned(tmp_path: Path, mon
     assert (run / "checkpoints" / "latest.pt").exists()
     rows = Store(tmp_path / "work" / "harness.duckdb").trials("pruned")
     assert rows[0]["state"] == "pruned"
+
+
+def test_a_trial_left_running_by_a_worker_on_another_host_is_retried_after_its_heartbeat(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import harness.runner as runner_module
+
+    monkeypatch.setattr(runner_module, "GRACE_S", 2)
+    monkeypatch.setattr(runner_module, "HEARTBEAT_S", 1)
+    spec = load_study(write_study(tmp_path / "remote.yaml", {"timesteps.sampler": ["cosmap"]}, 1))
+    runner = StudyRunner(spec, tmp_path / "work")
+    # A worker on another machine asked for trial 0, started it, then went silent (its
+    # process cannot be checked from here: only the lapsed heartbeat tells).
+    study = runner.open_study()
+    with pytest.warns(UserWarning, match="Heartbeat of storage"):
+        remote = study.ask()
+    spec.suggest(remote)
+    remote.set_user_attr("run_number", 0)
+    runner.storage.record_heartbeat(remote._trial_id)
+    run_dir = runner.work.run_dir("remote", 0)
+    run_dir.mkdir(parents=True)
+    info = {"host": "elsewhere", "runner_pid": 1, "trainer_pid": 1, "trial": 0}
+    (run_dir / "runner.json").write_text(json.dumps(info))
+    time.sleep(2.5)
+    study = runner.run()
+    first, retry = study.trials
+    assert first.state == optuna.trial.TrialState.FAIL
+    assert retry.state == optuna.trial.TrialState.COMPLETE
+    assert runner.storage.get_trial(retry._trial_id).system_attrs["failed_trial"] == 0
+    assert retry.user_attrs["run_number"] == 0 and retry.params == first.params
+    assert (run_dir / "status.json").exists()  # it ran in the trial's own run directory
