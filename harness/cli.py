@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -16,6 +18,11 @@ study_app = typer.Typer(
     help="Run and inspect Optuna studies over training choices.", no_args_is_help=True
 )
 app.add_typer(study_app, name="study")
+arena_app = typer.Typer(
+    help="The evaluation arena: pairwise votes between contestants (see `harness leaderboard`).",
+    no_args_is_help=True,
+)
+app.add_typer(arena_app, name="arena")
 
 EXIT_INVALID = 2
 
@@ -73,7 +80,7 @@ StorageOpt = Annotated[
 HtmlOpt = Annotated[
     Path | None,
     typer.Option(
-        "--html", help="where to write the HTML report [default: WORKDIR/reports/NAME.html]"
+        "--html", help="where to write the HTML report (default: WORKDIR/reports/NAME.html)"
     ),
 ]
 
@@ -205,6 +212,154 @@ def study_check(
         typer.echo(str(err), err=True)
         raise typer.Exit(EXIT_INVALID) from None
     typer.echo(spec.summary())
+
+
+# -- the arena -----------------------------------------------------------------------------------
+@arena_app.command("import")
+def arena_import(
+    file: Annotated[Path, typer.Argument(help="JSONL file of votes, one JSON object per line")],
+    workdir: WorkdirOpt = DEFAULT_WORKDIR,
+    add_contestants: Annotated[
+        bool,
+        typer.Option(
+            "--add-contestants",
+            help="register contestant ids the store does not know (with only their id) "
+            "instead of refusing the file",
+        ),
+    ] = False,
+) -> None:
+    """Import pairwise votes into WORKDIR/harness.duckdb, all or nothing.
+
+    One JSON object per line with "prompt", "seed", "left", "right" (contestant
+    ids), "winner" (left, right, tie or both_bad), "rater", "rater_kind" (human,
+    judge or domain; default human), "time" (epoch seconds or ISO 8601 with a UTC
+    offset), and optionally "left_image", "right_image", "session", "extra".
+    A malformed line exits 2 naming FILE:LINE, and nothing of the file is stored.
+    Importing the same votes again stores nothing new. Example:
+
+        uv run harness arena import votes.jsonl --workdir work
+    """
+    from harness.arena import import_comparisons
+
+    store = _open_store(workdir, create=True)
+    with _store_errors():
+        result = import_comparisons(store, file, add_contestants=add_contestants)
+    message = (
+        f"{file}: {result.rows} comparisons read, {result.inserted} new, "
+        f"{result.already_present} already stored"
+    )
+    if result.contestants_added:
+        message += f"; {result.contestants_added} new contestants registered (id only)"
+    typer.echo(message)
+
+
+@app.command("leaderboard")
+def leaderboard(
+    workdir: WorkdirOpt = DEFAULT_WORKDIR,
+    rater_kind: Annotated[
+        str | None,
+        typer.Option(
+            "--rater-kind",
+            metavar="KIND",
+            help="only votes by raters of this kind: human, judge, domain, or all [default: all]",
+        ),
+    ] = None,
+    rounds: Annotated[
+        int, typer.Option("--rounds", min=1, help="bootstrap rounds for the intervals")
+    ] = 1000,
+    seed: Annotated[int, typer.Option("--seed", help="seed of the bootstrap")] = 0,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print the rows as a JSON array instead of a table")
+    ] = False,
+) -> None:
+    """The arena leaderboard: Bradley-Terry ratings with 95% bootstrap intervals.
+
+    Contestants whose intervals overlap share a rank (rank = 1 + the number of
+    contestants ahead beyond doubt). Elo, online in vote order, is the secondary
+    view. --json prints the rows (contestant, label, rating, lower, upper, rank,
+    battles, elo) as a JSON array. Example:
+
+        uv run harness leaderboard --workdir work --rater-kind human
+    """
+    import json
+
+    from harness.arena import leaderboard as compute
+    from harness.store import check_rater_kind
+
+    with _store_errors():
+        kind = None if rater_kind in (None, "all") else check_rater_kind(rater_kind, "--rater-kind")
+    store = _open_store(workdir, create=False)
+    with _store_errors():
+        rows = compute(store, kind, rounds=rounds, seed=seed)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        typer.echo(f"no comparisons in {store.path}" + (f" by {kind} raters" if kind else ""))
+        return
+    _print_leaderboard(rows, kind, rounds)
+
+
+def _print_leaderboard(rows: list[dict], kind: str | None, rounds: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    votes = sum(r["battles"] for r in rows) // 2
+    table = Table(
+        title=f"Arena leaderboard: {kind or 'all'} raters, {votes} comparisons",
+        caption=f"Bradley-Terry, 95% bootstrap interval over {rounds} rounds",
+    )
+    for name, justify in [
+        ("rank", "right"),
+        ("contestant", "left"),
+        ("rating", "right"),
+        ("95% interval", "right"),
+        ("battles", "right"),
+        ("elo", "right"),
+    ]:
+        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for r in rows:
+        name = r["contestant"] + (f" ({r['label']})" if r["label"] else "")
+        table.add_row(
+            str(r["rank"]),
+            name,
+            f"{r['rating']:.1f}",
+            f"[{r['lower']:.1f}, {r['upper']:.1f}]",
+            str(r["battles"]),
+            f"{r['elo']:.1f}",
+        )
+    Console().print(table)
+
+
+def _open_store(workdir: Path, *, create: bool):
+    """The work directory's DuckDB store; a missing file exits 2 unless ``create``."""
+    from harness.store import Store, StoreError
+
+    path = workdir / "harness.duckdb"
+    if not create and not path.exists():
+        typer.echo(f"no store in {workdir} ({path} does not exist); pass --workdir", err=True)
+        raise typer.Exit(EXIT_INVALID)
+    try:
+        return Store(path)
+    except StoreError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(EXIT_INVALID) from None
+
+
+@contextmanager
+def _store_errors() -> Iterator[None]:
+    """Refused input (StoreError) -> its message on stderr and exit 2; a file that stayed
+    locked by another process (StoreBusyError) -> exit 1: the input was fine."""
+    from harness.store import StoreBusyError, StoreError
+
+    try:
+        yield
+    except StoreBusyError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(1) from None
+    except StoreError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(EXIT_INVALID) from None
 
 
 def main() -> None:  # pragma: no cover

@@ -21,7 +21,9 @@ import pytest
 
 from harness import store as store_module
 from harness.store import (
+    MIGRATIONS,
     SCHEMA_VERSION,
+    ComparisonsAdded,
     IngestError,
     SchemaVersionError,
     Store,
@@ -29,7 +31,8 @@ from harness.store import (
     StoreError,
 )
 
-TABLES = {"schema_version", "studies", "trials", "runs", "metrics", "samples"}
+TABLES_V1 = {"schema_version", "studies", "trials", "runs", "metrics", "samples"}
+TABLES = TABLES_V1 | {"contestants", "raters", "comparisons"}
 SPEC = {"name": "timestep", "search": {"shift": {"low": 1.0, "high": 6.0}}, "trials": 8}
 
 
@@ -94,8 +97,8 @@ def test_newer_schema_version_is_refused(tmp_path: Path):
 
 
 def test_older_version_is_migrated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """What v2 will do: append a migration, bump the version; old files upgrade in place, keep
-    their rows, and end up with the same schema as a fresh file."""
+    """What the next version will do: append a migration, bump the version; old files upgrade
+    in place, keep their rows, and end up with the same schema as a fresh file."""
     old = tmp_path / "old.duckdb"
     Store(old).create_study("s", SPEC, ["minimize"], ["fid"])
     v2 = "ALTER TABLE runs ADD COLUMN host VARCHAR;"
@@ -108,6 +111,35 @@ def test_older_version_is_migrated(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     schema = "SELECT table_name, column_name, data_type FROM duckdb_columns() ORDER BY ALL"
     assert migrated.query(schema) == fresh.query(schema)
     assert [r["name"] for r in migrated.query("SELECT name FROM studies")] == ["s"]
+
+
+def test_v1_file_is_migrated_to_v2_with_its_rows(tmp_path: Path):
+    """A file written by the v1 code (only MIGRATIONS[0]) gains the arena tables on open and
+    keeps every row; its schema is then that of a fresh file."""
+    old = tmp_path / "v1.duckdb"
+    with duckdb.connect(str(old)) as con:
+        con.execute(MIGRATIONS[0])
+        con.execute("INSERT INTO schema_version VALUES (1)")
+        con.execute("INSERT INTO studies VALUES ('s', '{}', ['minimize'], ['fid'], 1.0)")
+        con.execute(
+            "INSERT INTO trials (study, number, state, updated_at) VALUES ('s', 0, 'complete', 2.0)"
+        )
+        con.execute("INSERT INTO runs VALUES ('s/0', 's', 0, '/r', '{}', 'h', 3.0)")
+        con.execute("INSERT INTO metrics VALUES ('s/0', 10, 'loss', 0.5, 4.0)")
+        before = {t: con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall() for t in TABLES_V1}
+
+    migrated = Store(old)
+    assert migrated.query("SELECT version FROM schema_version") == [{"version": SCHEMA_VERSION}]
+    with duckdb.connect(str(old), read_only=True) as con:
+        after = {t: con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall() for t in TABLES_V1}
+    assert {t: v for t, v in after.items() if t != "schema_version"} == {
+        t: v for t, v in before.items() if t != "schema_version"
+    }
+    schema = "SELECT table_name, column_name, data_type FROM duckdb_columns() ORDER BY ALL"
+    assert migrated.query(schema) == Store(tmp_path / "fresh.duckdb").query(schema)
+    migrated.add_contestant("a", run_id="s/0", steps=8)  # the v1 run is there to refer to
+    assert [c["run_id"] for c in migrated.contestants()] == ["s/0"]
+    assert Store(old).stats.opens == 1  # migrated once; reopening writes nothing
 
 
 def test_other_open_errors_are_not_retried(tmp_path: Path):
@@ -310,6 +342,140 @@ def test_unregistered_run_without_config_is_refused(store: Store, tmp_path: Path
         store.ingest_run_dir("r0", run.root)
     store.register_run("r0", run.root, {"seed": 0}, "h")
     assert store.ingest_run_dir("r0", run.root).metrics_inserted == 6
+
+
+# -- arena: contestants, raters, comparisons ------------------------------------------------------
+def vote(**overrides: Any) -> dict[str, Any]:
+    """One valid comparison row (contestants "a" and "b", rater "ana")."""
+    row = {
+        "prompt": "a red circle",
+        "seed": 0,
+        "left_id": "a",
+        "right_id": "b",
+        "outcome": "left",
+        "rater_id": "ana",
+        "rater_kind": "human",
+        "time": 1.7e9,
+    }
+    return {**row, **overrides}
+
+
+def test_add_contestant_fills_in_and_refuses_changes(store: Store, tmp_path: Path):
+    assert store.add_contestant("ext") is True  # an external image set: no run
+    store.register_run("r0", tmp_path / "r0", {}, "h")
+    assert store.add_contestant("r0@euler-8", run_id="r0", solver="euler", steps=8) is True
+    assert store.add_contestant("r0@euler-8", label="ours", guidance=4, extra={"k": 1}) is False
+    assert store.add_contestant("r0@euler-8", solver="euler", extra={"k": 1}) is False
+    with pytest.raises(StoreError, match=r"different values \(steps: stored 8, given 4\)"):
+        store.add_contestant("r0@euler-8", steps=4)
+    with pytest.raises(StoreError, match=r"run 'nope' is not registered.*register_run first"):
+        store.add_contestant("x", run_id="nope")
+    with pytest.raises(StoreError, match="'steps' must be int"):
+        store.add_contestant("x", steps=8.5)  # type: ignore[arg-type]
+    ext, ours = store.contestants()
+    assert ext["contestant_id"] == "ext" and ext["run_id"] is None
+    assert (ours["run_id"], ours["label"], ours["solver"], ours["steps"]) == (
+        "r0",
+        "ours",
+        "euler",
+        8,
+    )
+    assert (ours["guidance"], ours["shift"], ours["extra"]) == (4.0, None, {"k": 1})
+
+
+def test_add_rater(store: Store):
+    assert store.add_rater("gpt", "judge", name="GPT judge") is True
+    assert store.add_rater("gpt", "judge") is False
+    with pytest.raises(StoreError, match="kind: stored 'judge', given 'human'"):
+        store.add_rater("gpt", "human")
+    with pytest.raises(StoreError, match=r"'jduge' is not one of .* \(did you mean 'judge'\?\)"):
+        store.add_rater("x", "jduge")  # type: ignore[arg-type]
+    assert [(r["rater_id"], r["kind"], r["name"]) for r in store.raters()] == [
+        ("gpt", "judge", "GPT judge")
+    ]
+
+
+def test_add_comparisons_is_idempotent(store: Store):
+    store.add_contestant("a")
+    store.add_contestant("b")
+    rows = [vote(), vote(seed=1, outcome="tie", extra={"why": "close"}), vote(seed=2)]
+    first = store.add_comparisons(rows)
+    assert first == ComparisonsAdded(3, 3, 0, contestants_added=0, raters_added=1)
+    again = store.add_comparisons([*rows, vote(seed=3, outcome="both_bad")])
+    assert (again.rows, again.inserted, again.already_present) == (4, 1, 3)
+    within = store.add_comparisons([vote(seed=4), vote(seed=4)])  # one vote given twice
+    assert (within.inserted, within.already_present) == (1, 1)
+    stored = store.comparisons()
+    assert len(stored) == count(store, "comparisons") == 5
+    assert len({c["comparison_id"] for c in stored}) == 5
+    (tie,) = [c for c in stored if c["seed"] == 1]
+    assert tie["extra"] == {"why": "close"} and tie["outcome"] == "tie"
+    # A row read back carries its comparison_id, which must be its content hash.
+    assert store.add_comparisons([stored[0]]).already_present == 1
+    with pytest.raises(StoreError, match="'comparison_id': 'x' is not this vote's content hash"):
+        store.add_comparisons([{**stored[0], "comparison_id": "x"}])
+    assert [r["rater_id"] for r in store.raters()] == ["ana"]
+
+
+@pytest.mark.parametrize(
+    ("bad", "problem"),
+    [
+        (vote(outcome="lft"), "field 'outcome': 'lft' is not one of left, right, tie, both_bad"),
+        (vote(right_id="a"), "field 'right_id': contestant 'a' is compared with itself"),
+        (vote(left_id="bb"), "field 'left_id': unknown contestant 'bb' (did you mean 'b'?)"),
+        ({k: v for k, v in vote().items() if k != "seed"}, "field 'seed' is missing"),
+        (vote(seed="7"), "field 'seed' must be int, got '7'"),
+        (vote(time=float("inf")), "field 'time' must be finite"),
+        (vote(rater_kind="robot"), "field 'rater_kind': 'robot' is not one of human"),
+        (vote(rater_kind="judge"), "rater 'ana' is recorded by rows[0] as 'human', not 'judge'"),
+        (vote(outcome="right"), "is already recorded by rows[0] with outcome 'left'"),
+        ({**vote(), "winner": "left"}, "unknown field 'winner'"),
+        (vote(seed=2**64), "field 'seed': 18446744073709551616 does not fit in 64 bits"),
+    ],
+)
+def test_add_comparisons_validates_all_or_nothing(store: Store, bad: dict, problem: str):
+    store.add_contestant("a")
+    store.add_contestant("b")
+    with pytest.raises(StoreError) as err:
+        store.add_comparisons([vote(), bad])
+    assert str(err.value).startswith("rows[1]: ") and problem in str(err.value)
+    assert [count(store, t) for t in ("comparisons", "raters", "contestants")] == [0, 0, 2]
+
+
+def test_add_comparisons_conflicts_with_stored_votes_and_raters(store: Store):
+    store.add_contestant("a")
+    store.add_contestant("b")
+    store.add_comparisons([vote()])
+    with pytest.raises(StoreError, match=r"rows\[1\]: .*already recorded in .* outcome 'left'"):
+        store.add_comparisons([vote(seed=1), vote(outcome="right")])
+    with pytest.raises(StoreError, match=r"votes.jsonl:9: field 'rater_kind': rater 'ana'"):
+        store.add_comparisons([vote(seed=1, rater_kind="domain")], labels=["votes.jsonl:9"])
+    assert count(store, "comparisons") == 1
+
+
+def test_add_comparisons_can_register_contestants(store: Store):
+    with pytest.raises(StoreError, match=r"unknown contestant 'a' \(2 unknown in all: 'a', 'b'\)"):
+        store.add_comparisons([vote()])
+    result = store.add_comparisons([vote(), vote(right_id="c")], add_contestants=True)
+    assert (result.inserted, result.contestants_added, result.raters_added) == (2, 3, 1)
+    assert [c["contestant_id"] for c in store.contestants()] == ["a", "b", "c"]
+    assert store.add_contestant("a", label="filled in later") is False
+    assert store.contestants()[0]["label"] == "filled in later"
+
+
+def test_comparisons_by_rater_kind(store: Store):
+    rows = [
+        vote(time=3.0, rater_id="gpt", rater_kind="judge"),
+        vote(time=1.0),
+        vote(time=2.0, rater_id="net", rater_kind="domain", left_image="a.png"),
+    ]
+    store.add_comparisons(rows, add_contestants=True)
+    assert [c["time"] for c in store.comparisons()] == [1.0, 2.0, 3.0]
+    assert [c["rater_id"] for c in store.comparisons("judge")] == ["gpt"]
+    (domain,) = store.comparisons("domain")
+    assert domain["left_image"] == "a.png" and domain["right_image"] is None
+    with pytest.raises(StoreError, match="did you mean 'human'"):
+        store.comparisons("humans")  # type: ignore[arg-type]
 
 
 # -- connections and queries ---------------------------------------------------------------------
