@@ -91,7 +91,7 @@ def _curves(study: optuna.Study, metrics: Sequence[str], store: Store) -> list[t
     import plotly.graph_objects as go
 
     rows = [r for r in store.trials(study.study_name) if r.get("run_id")]
-    names = [*metrics, *(m for m in SECONDARY if m not in metrics)]
+    names = [*metrics, *(m for m in (*SECONDARY, "train/loss") if m not in metrics)]
     out = []
     for name in names:
         fig = go.Figure()

@@ -45,6 +45,8 @@ from trainers.rundir import RunDir
 # Heartbeats and stale-trial retries are marked experimental in Optuna 5 (stable since 2.8/2.9);
 # the warning says nothing a user can act on.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+# The live view reports trials; Optuna's own INFO lines ("A new study created ...") repeat it.
+optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 HEARTBEAT_S = 10
 GRACE_S = 60
@@ -160,7 +162,8 @@ class StudyRunner:
         self.spec = spec
         self.work = Workdir(workdir)
         self.work.root.mkdir(parents=True, exist_ok=True)
-        self.console = console or Console(stderr=True)
+        # soft_wrap: event lines in a log file stay one line each, however long.
+        self.console = console or Console(stderr=True, soft_wrap=True)
         self.store = Store(self.work.store)
         self.url = spec.optuna.storage or self.work.optuna_url
         self.storage = make_storage(self.url)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import PixArtTransformer2DModel, SD3Transformer2DModel
+from diffusers import PixArtTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 from torch import nn
 
 from trainers.names import lookup
@@ -85,6 +85,43 @@ def _pixart(
     return PixArtTransformer2DModel(**args)
 
 
+def _unet(
+    p: Preset, sample_size: int, channels: int, text_dim: int, pooled_dim: int, **kw: Any
+) -> nn.Module:
+    """A convolutional UNet with cross-attention to the text (SD 1.x layout) at the preset's
+    width: three resolution levels of (width/2, width, width) channels, attention heads of the
+    preset's head_dim, ``layers // 4`` (at least 1) ResNet blocks per level. Patch size does not
+    apply. Convolutions learn small local structure (a shape's corners) with far less data than
+    patch transformers, which matters for CPU-sized studies."""
+    w = p.width
+    args: dict[str, Any] = dict(
+        sample_size=sample_size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=(w // 2, w, w),
+        layers_per_block=max(1, p.layers // 4),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=text_dim,
+        attention_head_dim=p.head_dim,
+        norm_num_groups=8,
+    )
+    args.update(kw)
+    return UNet2DConditionModel(**args)
+
+
+def _unet_forward(
+    m: nn.Module, x: torch.Tensor, t: torch.Tensor, text: TextEmbeddings
+) -> torch.Tensor:
+    return m(
+        sample=x,
+        timestep=t * 1000.0,
+        encoder_hidden_states=text.tokens,
+        encoder_attention_mask=text.mask.to(x.dtype),
+        return_dict=False,
+    )[0]
+
+
 def _sd3_forward(
     m: nn.Module, x: torch.Tensor, t: torch.Tensor, text: TextEmbeddings
 ) -> torch.Tensor:
@@ -122,6 +159,7 @@ class Backbone:
 BACKBONES: dict[str, Backbone] = {
     "sd3": Backbone(SD3Transformer2DModel, _sd3, _sd3_forward),
     "pixart": Backbone(PixArtTransformer2DModel, _pixart, _pixart_forward),
+    "unet": Backbone(UNet2DConditionModel, _unet, _unet_forward),
 }
 
 
@@ -170,6 +208,8 @@ def build_denoiser(
         "attention_head_dim": "head_dim",
     }
     p = replace(p, **{fields[k]: int(overrides.pop(k)) for k in list(overrides) if k in fields})
+    if backbone == "unet":
+        p = replace(p, patch_size=4)  # two 2x downsamplings: the image side must divide by 4
     if sample_size % p.patch_size:
         raise ValueError(
             f"image size {sample_size} is not divisible by the preset's patch size {p.patch_size}; "

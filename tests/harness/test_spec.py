@@ -644,13 +644,14 @@ def test_known_metrics_match_the_shapes_attributes() -> None:
 
 def test_timestep_study() -> None:
     spec = load_study(STUDIES / "timestep.yaml")
-    assert spec.name == "timestep" and spec.trainer == "flow" and spec.trials == 6
+    assert spec.name == "timestep" and spec.trainer == "flow" and spec.trials == 4
     assert spec.metrics == ["domain_fid"] and spec.directions == ["minimize"]
     assert (spec.optuna.sampler, spec.optuna.pruner, spec.optuna.seed) == ("tpe", "median", 0)
     assert spec.search["timesteps.sampler"].values == ["uniform", "logit_normal", "mode", "cosmap"]
     assert spec.search["timesteps.logit_std"].when == {"timesteps.sampler": "logit_normal"}
     base = parse_config(spec.base)
-    assert base.train.steps == 300 and base.eval.every == 300 and base.eval.num_images == 64
+    assert base.train.steps == 750 and base.eval.every == 375 and base.eval.num_images == 64
+    assert base.model.backbone == "unet"
     study = optuna.create_study(sampler=spec.make_sampler(), pruner=spec.make_pruner())
     for _ in range(8):
         trial = study.ask()
@@ -683,7 +684,8 @@ def test_gpu_example_scales_up_the_default(tmp_path: Path) -> None:
             )
         )
     )
-    assert (base.model.preset, base.data.resolution, base.train.precision) == ("dit-s", 64, "bf16")
+    assert (base.model.backbone, base.model.preset) == ("sd3", "dit-s")
+    assert (base.data.resolution, base.train.precision) == (64, "bf16")
     assert gpu.trials == 32 and gpu.metrics == ["domain_fid"]
 
 
@@ -707,7 +709,7 @@ def test_cli_check_valid() -> None:
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert "study timestep: valid" in out and "minimize domain_fid" in out
-    assert "sampler tpe, pruner median, seed 0" in out and "trials:    6" in out
+    assert "sampler tpe, pruner median, seed 0" in out and "trials:    4" in out
     assert "timesteps.logit_std   float [0.5, 2.0]  (when timesteps.sampler = logit_normal)" in out
 
 
