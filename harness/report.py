@@ -22,7 +22,7 @@ from scipy import stats
 
 # Reported beside the objective. eval/flow_loss rather than train/loss: the training loss is
 # weighted by the trial's own timestep sampler, so it is not comparable across samplers.
-SECONDARY = ("attr_acc_mean", "heldout_attr_acc_mean", "eval/flow_loss")
+SECONDARY = ("attr_acc_mean", "heldout_attr_acc_mean", "domain_fid", "eval/flow_loss")
 
 
 def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float | None]:
@@ -118,6 +118,8 @@ def quiet_importance_warning() -> Iterator[None]:
     already flips maximised objectives, so the warning says nothing actionable."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator computes")
+        # "Some regimes ... have less than 2 trials": small studies always; the report says n.
+        warnings.filterwarnings("ignore", message="Some regimes for parameter")
         yield
 
 

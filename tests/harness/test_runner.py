@@ -233,3 +233,36 @@ def test_a_trial_left_running_by_a_worker_on_another_host_is_retried_after_its_h
     assert runner.storage.get_trial(retry._trial_id).system_attrs["failed_trial"] == 0
     assert retry.user_attrs["run_number"] == 0 and retry.params == first.params
     assert (run_dir / "status.json").exists()  # it ran in the trial's own run directory
+
+
+def test_ctrl_c_stops_the_trainer_cleanly_and_the_rerun_resumes_it(tmp_path: Path) -> None:
+    study_file = write_study(
+        tmp_path / "ctrlc.yaml", {"timesteps.sampler": ["uniform", "cosmap"]}, 2, steps=200
+    )
+    work = tmp_path / "work"
+    cmd = study_run_cmd(study_file, work)
+    runner = subprocess.Popen(
+        cmd, env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    run_dir = work / "runs" / "ctrlc" / "0000"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (run_dir / "checkpoints" / "latest.pt").exists():
+        time.sleep(0.1)
+    runner.send_signal(signal.SIGINT)  # what Ctrl-C sends (the trainer has its own session)
+    out = runner.communicate(timeout=120)[0]
+    assert runner.returncode == 130, out[-3000:]
+    assert "rerun the same command to resume" in out
+    # The trainer was stopped, not killed: it checkpointed and said so.
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "stopped" and status["step"] > 0, status
+    store = Store(work / "harness.duckdb")
+    (row,) = [r for r in store.trials("ctrlc") if r["number"] == 0]
+    assert row["state"] == "failed" and "by a signal" in row["error"]
+    proc = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    study = optuna.load_study(
+        study_name="ctrlc", storage=f"sqlite:///{(work / 'optuna.db').resolve()}"
+    )
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.user_attrs["run_number"] for t in complete) == [0, 1]
+    assert f"resuming at step {status['step']}" in (run_dir / "stdout.log").read_text()

@@ -645,12 +645,12 @@ def test_known_metrics_match_the_shapes_attributes() -> None:
 def test_timestep_study() -> None:
     spec = load_study(STUDIES / "timestep.yaml")
     assert spec.name == "timestep" and spec.trainer == "flow" and spec.trials == 4
-    assert spec.metrics == ["domain_fid"] and spec.directions == ["minimize"]
-    assert (spec.optuna.sampler, spec.optuna.pruner, spec.optuna.seed) == ("tpe", "median", 0)
+    assert spec.metrics == ["attr_acc_mean"] and spec.directions == ["maximize"]
+    assert (spec.optuna.sampler, spec.optuna.pruner, spec.optuna.seed) == ("tpe", "median", 19)
     assert spec.search["timesteps.sampler"].values == ["uniform", "logit_normal", "mode", "cosmap"]
     assert spec.search["timesteps.logit_std"].when == {"timesteps.sampler": "logit_normal"}
     base = parse_config(spec.base)
-    assert base.train.steps == 750 and base.eval.every == 375 and base.eval.num_images == 64
+    assert base.train.steps == 750 and base.eval.every == 750 and base.eval.num_images == 128
     assert base.model.backbone == "unet"
     study = optuna.create_study(sampler=spec.make_sampler(), pruner=spec.make_pruner())
     for _ in range(8):
@@ -708,8 +708,8 @@ def test_cli_check_valid() -> None:
     result = CliRunner().invoke(app, ["study", "check", str(STUDIES / "timestep.yaml")])
     assert result.exit_code == 0, result.output
     out = result.stdout
-    assert "study timestep: valid" in out and "minimize domain_fid" in out
-    assert "sampler tpe, pruner median, seed 0" in out and "trials:    4" in out
+    assert "study timestep: valid" in out and "maximize attr_acc_mean" in out
+    assert "sampler tpe, pruner median, seed 19" in out and "trials:    4" in out
     assert "timesteps.logit_std   float [0.5, 2.0]  (when timesteps.sampler = logit_normal)" in out
 
 
