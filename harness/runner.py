@@ -253,16 +253,13 @@ class StudyRunner:
             with self.view.show():
                 for th in threads:
                     th.start()
-                while any(th.is_alive() for th in threads):
-                    for th in threads:
-                        th.join(timeout=0.5)
+                _wait_for(threads)
         except KeyboardInterrupt:
             self.console.print("[yellow]interrupted: stopping trainers (they checkpoint)...")
             self.stopping.set()
             for proc in list(self.live.values()):
                 proc.stop(signal.SIGTERM)
-            for th in threads:
-                th.join()
+            _wait_for(threads)  # each worker follows its trainer until it has checkpointed
             raise
         if self.errors:
             raise self.errors[0]
@@ -528,6 +525,15 @@ class StudyRunner:
                     f"[red]trial {trial.number} failed[/]: {outcome.reason}"
                     + (f"\n    {tail}" if tail else "")
                 )
+
+
+def _wait_for(threads: list[threading.Thread]) -> None:
+    """Wait until the threads end, interruptibly. Not ``Thread.join``: on CPython 3.11 a
+    KeyboardInterrupt raised inside ``join(timeout)`` can mark a still-running thread as
+    stopped (the bpo-45274 fix releases the thread's own state lock), after which the runner
+    would exit without waiting for its trainers to checkpoint."""
+    while any(th.is_alive() for th in threads):
+        time.sleep(0.2)
 
 
 def _stop_on_signals() -> None:
