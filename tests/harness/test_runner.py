@@ -27,8 +27,12 @@ from tests.trainers.trainer_utils import REPO, config, env
 pytestmark = pytest.mark.slow
 
 
-def write_study(path: Path, search: dict, trials: int, steps: int = 8, **extra) -> Path:
-    base = config(train={"steps": steps, "checkpoint_every": 4, "log_every": 4}, eval={"every": 4})
+def write_study(
+    path: Path, search: dict, trials: int, steps: int = 8, eval_every: int = 4, **extra
+) -> Path:
+    base = config(
+        train={"steps": steps, "checkpoint_every": 4, "log_every": 4}, eval={"every": eval_every}
+    )
     study = {
         "name": path.stem,
         "base": base,
@@ -120,7 +124,11 @@ def test_failing_trial_is_recorded_and_the_study_goes_on(tmp_path: Path) -> None
 
 def test_sigkill_runner_and_trainer_then_resume(tmp_path: Path) -> None:
     study_file = write_study(
-        tmp_path / "killed.yaml", {"timesteps.sampler": ["uniform", "cosmap"]}, 2, steps=200
+        tmp_path / "killed.yaml",
+        {"timesteps.sampler": ["uniform", "cosmap"]},
+        2,
+        steps=200,
+        eval_every=200,  # evaluations are the slow part; this test is about resuming
     )
     work = tmp_path / "work"
     cmd = study_run_cmd(study_file, work)
@@ -237,7 +245,11 @@ def test_a_trial_left_running_by_a_worker_on_another_host_is_retried_after_its_h
 
 def test_ctrl_c_stops_the_trainer_cleanly_and_the_rerun_resumes_it(tmp_path: Path) -> None:
     study_file = write_study(
-        tmp_path / "ctrlc.yaml", {"timesteps.sampler": ["uniform", "cosmap"]}, 2, steps=60
+        tmp_path / "ctrlc.yaml",
+        {"timesteps.sampler": ["uniform", "cosmap"]},
+        2,
+        steps=200,
+        eval_every=200,
     )
     work = tmp_path / "work"
     cmd = study_run_cmd(study_file, work)
