@@ -39,7 +39,7 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--trials", type=int, default=4)
+    p.add_argument("--trials", type=int, default=4, help="at most 4 (one per sampler)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--out", type=Path, default=REPO / "bench/out/overhead")
     args = p.parse_args()
@@ -56,7 +56,7 @@ def main() -> None:
         "search": {"timesteps.sampler": ["uniform", "logit_normal", "mode", "cosmap"]},
         "objective": {"metric": "domain_fid", "direction": "minimize"},
         "trials": args.trials,
-        "optuna": {"sampler": "random", "pruner": "none", "seed": 0},
+        "optuna": {"sampler": "grid", "pruner": "none", "seed": 0},
     }
     path = args.out / "overhead.yaml"
     path.write_text(yaml.safe_dump(study))
@@ -66,6 +66,8 @@ def main() -> None:
     store = Store(args.out / "work" / "harness.duckdb")
     rows = []
     for t in store.trials("overhead"):
+        if not t["run_id"]:  # a repeat of an earlier config: nothing was launched
+            continue
         run_dir = Path(
             store.query("SELECT run_dir FROM runs WHERE run_id = ?", [t["run_id"]])[0]["run_dir"]
         )
