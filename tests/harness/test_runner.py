@@ -233,7 +233,9 @@ def test_a_trial_left_running_by_a_worker_on_another_host_is_retried_after_its_h
     run_dir.mkdir(parents=True)
     info = {"host": "elsewhere", "runner_pid": 1, "trainer_pid": 1, "trial": 0}
     (run_dir / "runner.json").write_text(json.dumps(info))
-    time.sleep(2.5)
+    # Stale once more than GRACE_S has passed; SQLite's heartbeat timestamps have whole
+    # seconds, so wait a second and a half beyond it.
+    time.sleep(3.5)
     study = runner.run()
     first, retry = study.trials
     assert first.state == optuna.trial.TrialState.FAIL
