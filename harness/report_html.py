@@ -42,9 +42,9 @@ pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; }
 
 
 def _figures(
-    study: optuna.Study, metrics: Sequence[str], directions: Sequence[str], store: Store | None
+    study: optuna.Study, metrics: Sequence[str], directions: Sequence[str]
 ) -> list[tuple[str, Any]]:
-    """(title, plotly figure) for every plot that the study's data supports."""
+    """(title, plotly figure) for every Optuna plot that the study's data supports."""
     from optuna import visualization as vis
 
     done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
@@ -80,17 +80,17 @@ def _figures(
             figs.append((f"Parameter importances ({metrics[0]})", imp))
         except (RuntimeError, ValueError):
             pass  # e.g. a single distinct value per parameter; the Markdown says why
-    if store is not None:
-        figs += _curves(study, metrics, store)
     return figs
 
 
-def _curves(study: optuna.Study, metrics: Sequence[str], store: Store) -> list[tuple[str, Any]]:
+def _curves(
+    metrics: Sequence[str], store: Store, trials: list[dict[str, Any]]
+) -> list[tuple[str, Any]]:
     """Metric against training step, one line per trial, for the objectives and the secondary
     metrics that the runs wrote."""
     import plotly.graph_objects as go
 
-    rows = [r for r in store.trials(study.study_name) if r.get("run_id")]
+    rows = [r for r in trials if r.get("run_id")]
     names = [*metrics, *(m for m in (*SECONDARY, "train/loss") if m not in metrics)]
     out = []
     for name in names:
@@ -113,7 +113,9 @@ def _curves(study: optuna.Study, metrics: Sequence[str], store: Store) -> list[t
     return out
 
 
-def _gallery(study: optuna.Study, metrics: Sequence[str], store: Store | None) -> str:
+def _gallery(
+    study: optuna.Study, metrics: Sequence[str], store: Store | None, trials: list[dict[str, Any]]
+) -> str:
     if store is None or len(metrics) > 1:
         return ""
     try:
@@ -121,7 +123,7 @@ def _gallery(study: optuna.Study, metrics: Sequence[str], store: Store | None) -
     except ValueError:
         return ""
     run_dir = best.user_attrs.get("run_dir")
-    rows = [r for r in store.trials(study.study_name) if r["number"] == best.number]
+    rows = [r for r in trials if r["number"] == best.number]
     run_id = rows[0].get("run_id") if rows else None
     if not run_dir or not run_id:
         return ""
@@ -158,13 +160,16 @@ def write_report_html(
         ablation_markdown(study, metrics, directions), extensions=["tables", "fenced_code"]
     )
     parts = [body]
-    figs = _figures(study, metrics, directions, store)
+    trials = store.trials(study.study_name) if store is not None else []  # read once
+    figs = _figures(study, metrics, directions)
+    if figs and store is not None:  # curves too once any trial completed
+        figs += _curves(metrics, store, trials)
     if figs:
         parts.append("<h1>Plots</h1>")
     for i, (title, fig) in enumerate(figs):
         parts.append(f"<h2>{html.escape(title)}</h2>")
         parts.append(fig.to_html(full_html=False, include_plotlyjs=i == 0))
-    parts.append(_gallery(study, metrics, store))
+    parts.append(_gallery(study, metrics, store, trials))
     doc = (
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"
         f"<title>Study {html.escape(study.study_name)}</title><style>{_STYLE}</style></head>"

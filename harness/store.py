@@ -547,9 +547,7 @@ class Store:
         """The study's trials ordered by number: the ``trials`` columns as a dict each, with
         ``params`` decoded from JSON."""
         rows = self.query("SELECT * FROM trials WHERE study = ? ORDER BY number", [study])
-        for r in rows:
-            r["params"] = None if r["params"] is None else json.loads(r["params"])
-        return rows
+        return _decode_json(rows, "params")
 
     # -- runs, metrics, samples ----------------------------------------------------------------
     def register_run(
@@ -652,9 +650,7 @@ class Store:
         """The run's sample rows ordered by tag and path, with ``extra`` decoded from JSON.
         ``path`` is relative to ``<run_dir>/samples/``."""
         rows = self.query("SELECT * FROM samples WHERE run_id = ? ORDER BY tag, path", [run_id])
-        for r in rows:
-            r["extra"] = None if r["extra"] is None else json.loads(r["extra"])
-        return rows
+        return _decode_json(rows)
 
     # -- the arena: contestants, raters, comparisons -------------------------------------------
     def add_contestant(
@@ -873,11 +869,11 @@ class Store:
 
     def contestants(self) -> list[dict[str, Any]]:
         """Every contestant ordered by id, with ``extra`` decoded from JSON."""
-        return _decode_extra(self.query("SELECT * FROM contestants ORDER BY contestant_id"))
+        return _decode_json(self.query("SELECT * FROM contestants ORDER BY contestant_id"))
 
     def raters(self) -> list[dict[str, Any]]:
         """Every rater ordered by id, with ``extra`` decoded from JSON."""
-        return _decode_extra(self.query("SELECT * FROM raters ORDER BY rater_id"))
+        return _decode_json(self.query("SELECT * FROM raters ORDER BY rater_id"))
 
     def comparisons(self, rater_kind: RaterKind | None = None) -> list[dict[str, Any]]:
         """The stored votes in time order (ties by ``comparison_id``), only those of raters of
@@ -886,7 +882,7 @@ class Store:
         if rater_kind is not None:
             sql += " WHERE rater_kind = ?"
             params.append(check_rater_kind(rater_kind))
-        return _decode_extra(self.query(sql + " ORDER BY time, comparison_id", params))
+        return _decode_json(self.query(sql + " ORDER BY time, comparison_id", params))
 
     def query(
         self, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None
@@ -1224,9 +1220,10 @@ def _fetch_in(
     ).fetchall()
 
 
-def _decode_extra(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _decode_json(rows: list[dict[str, Any]], column: str = "extra") -> list[dict[str, Any]]:
+    """Decode a JSON column of query rows in place (JSON columns come back as text)."""
     for r in rows:
-        r["extra"] = None if r["extra"] is None else json.loads(r["extra"])
+        r[column] = None if r[column] is None else json.loads(r[column])
     return rows
 
 
