@@ -179,8 +179,50 @@ CREATE TABLE comparisons (
 );
 """
 
-MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2)
-SCHEMA_VERSION = 2
+
+# v3: measurements with provenance and the judges' cache.
+# - scores: one image-metric value (FID, KID, CMMD, CLIP score, ...) of an image set. score_id is
+#   a content hash of (target, metric, provenance); provenance is canonical JSON naming the
+#   extractor, its weights hash, resolution, resize mode, reference set and sample count and the
+#   sampler settings and seeds of the images; provenance_hash is its hash, so that scores with
+#   different provenance are never compared silently (group by it).
+# - judgments: every MLLM/domain judge answer, keyed by a hash of (image hashes, prompt, judge,
+#   model, rubric version, mode, order), so nothing is asked twice; an unparseable answer is
+#   stored with parsed = false and its raw text, never dropped.
+# - raters.token_hash: the salted hash of a human rater's personal voting token (never the
+#   token itself).
+_SCHEMA_V3 = """
+CREATE TABLE scores (
+    score_id    VARCHAR PRIMARY KEY,
+    target      VARCHAR NOT NULL,
+    target_kind VARCHAR NOT NULL CHECK (target_kind IN ('run', 'contestant', 'folder')),
+    metric      VARCHAR NOT NULL,
+    value       DOUBLE NOT NULL,
+    num_images  INTEGER NOT NULL,
+    provenance  JSON NOT NULL,
+    provenance_hash VARCHAR NOT NULL,
+    time        DOUBLE NOT NULL
+);
+CREATE TABLE judgments (
+    judgment_key VARCHAR PRIMARY KEY,
+    judge       VARCHAR NOT NULL,
+    model       VARCHAR NOT NULL,
+    mode        VARCHAR NOT NULL CHECK (mode IN ('absolute', 'pairwise')),
+    rubric_version VARCHAR NOT NULL,
+    prompt      VARCHAR NOT NULL,
+    images      VARCHAR[] NOT NULL,
+    parsed      BOOLEAN NOT NULL,
+    result      JSON,
+    raw         VARCHAR,
+    error       VARCHAR,
+    latency_s   DOUBLE,
+    time        DOUBLE NOT NULL
+);
+ALTER TABLE raters ADD COLUMN token_hash VARCHAR;
+"""
+
+MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
+SCHEMA_VERSION = 3
 assert len(MIGRATIONS) == SCHEMA_VERSION, "every schema version needs its migration"
 
 DEFAULT_TIMEOUT_S = 60.0

@@ -32,7 +32,7 @@ from harness.store import (
 )
 
 TABLES_V1 = {"schema_version", "studies", "trials", "runs", "metrics", "samples"}
-TABLES = TABLES_V1 | {"contestants", "raters", "comparisons"}
+TABLES = TABLES_V1 | {"contestants", "raters", "comparisons", "scores", "judgments"}
 SPEC = {"name": "timestep", "search": {"shift": {"low": 1.0, "high": 6.0}}, "trials": 8}
 
 
@@ -113,7 +113,7 @@ def test_older_version_is_migrated(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert [r["name"] for r in migrated.query("SELECT name FROM studies")] == ["s"]
 
 
-def test_v1_file_is_migrated_to_v2_with_its_rows(tmp_path: Path):
+def test_v1_file_is_migrated_to_the_latest_schema_with_its_rows(tmp_path: Path):
     """A file written by the v1 code (only MIGRATIONS[0]) gains the arena tables on open and
     keeps every row; its schema is then that of a fresh file."""
     old = tmp_path / "v1.duckdb"
