@@ -189,6 +189,8 @@ CREATE TABLE comparisons (
 # - judgments: every MLLM/domain judge answer, keyed by a hash of (image hashes, prompt, judge,
 #   model, rubric version, mode, order), so nothing is asked twice; an unparseable answer is
 #   stored with parsed = false and its raw text, never dropped.
+# - renders: the arena's paired images: every contestant rendered on the same prompt set with the
+#   same seeds (so the same initial noise); comparisons refer to these images.
 # - raters.token_hash: the salted hash of a human rater's personal voting token (never the
 #   token itself).
 _SCHEMA_V3 = """
@@ -217,6 +219,18 @@ CREATE TABLE judgments (
     error       VARCHAR,
     latency_s   DOUBLE,
     time        DOUBLE NOT NULL
+);
+CREATE TABLE renders (
+    contestant_id VARCHAR NOT NULL,
+    prompt_id   INTEGER NOT NULL,
+    prompt      VARCHAR NOT NULL,
+    category    VARCHAR,
+    seed        BIGINT NOT NULL,
+    path        VARCHAR NOT NULL,
+    sha256      VARCHAR NOT NULL,
+    extra       JSON,
+    time        DOUBLE NOT NULL,
+    PRIMARY KEY (contestant_id, prompt_id, seed)
 );
 ALTER TABLE raters ADD COLUMN token_hash VARCHAR;
 """
@@ -495,7 +509,7 @@ class Store:
             and len(set(objectives)) == len(objectives),
             f"study {name!r}: objectives must be distinct non-empty names, got {objectives}",
         )
-        spec_json = _to_json(dict(spec), f"study {name!r} spec")
+        spec_json = to_json(dict(spec), f"study {name!r} spec")
         wanted = {"spec": json.loads(spec_json), "directions": directions, "objectives": objectives}
         with self.transaction() as con:
             row = con.execute(
@@ -542,7 +556,7 @@ class Store:
             isinstance(number, int) and not isinstance(number, bool) and number >= 0,
             f"trial number must be an int >= 0, got {number!r}",
         )
-        params_json = None if params is None else _to_json(dict(params), "trial params")
+        params_json = None if params is None else to_json(dict(params), "trial params")
         vals = None if values is None else [float(v) for v in values]
         with self.transaction() as con:
             row = con.execute("SELECT objectives FROM studies WHERE name = ?", [study]).fetchone()
@@ -589,7 +603,7 @@ class Store:
         """The study's trials ordered by number: the ``trials`` columns as a dict each, with
         ``params`` decoded from JSON."""
         rows = self.query("SELECT * FROM trials WHERE study = ? ORDER BY number", [study])
-        return _decode_json(rows, "params")
+        return decode_json(rows, "params")
 
     # -- runs, metrics, samples ----------------------------------------------------------------
     def register_run(
@@ -606,7 +620,7 @@ class Store:
         the study trial it belongs to (None for a run trained by hand). Registering the same
         run again updates its directory and fills in study/trial; a different config hash for
         an existing run_id is an error (a run's config never changes)."""
-        config_json = _to_json(dict(config), f"run {run_id!r} config")
+        config_json = to_json(dict(config), f"run {run_id!r} config")
         with self.transaction() as con:
             row = con.execute("SELECT config_hash FROM runs WHERE run_id = ?", [run_id]).fetchone()
             if row is not None and row[0] != config_hash:
@@ -667,7 +681,7 @@ class Store:
                     [
                         run_id,
                         str(run.root.resolve()),
-                        _to_json(config, f"{run.config}"),
+                        to_json(config, f"{run.config}"),
                         str(config.get("config_hash", "")),
                         time.time(),
                     ],
@@ -692,7 +706,7 @@ class Store:
         """The run's sample rows ordered by tag and path, with ``extra`` decoded from JSON.
         ``path`` is relative to ``<run_dir>/samples/``."""
         rows = self.query("SELECT * FROM samples WHERE run_id = ? ORDER BY tag, path", [run_id])
-        return _decode_json(rows)
+        return decode_json(rows)
 
     # -- the arena: contestants, raters, comparisons -------------------------------------------
     def add_contestant(
@@ -737,7 +751,7 @@ class Store:
                 fields[key] is None or math.isfinite(fields[key]),
                 f"{where}: {key!r} must be finite, got {fields[key]}",
             )
-        fields["extra"] = None if extra is None else _to_json(dict(extra), f"{where} extra")
+        fields["extra"] = None if extra is None else to_json(dict(extra), f"{where} extra")
         with self.transaction() as con:
             if run_id is not None:
                 known = con.execute("SELECT 1 FROM runs WHERE run_id = ?", [run_id]).fetchone()
@@ -770,7 +784,7 @@ class Store:
         fields = {
             "kind": kind,
             "name": name,
-            "extra": None if extra is None else _to_json(dict(extra), f"{where} extra"),
+            "extra": None if extra is None else to_json(dict(extra), f"{where} extra"),
         }
         with self.transaction() as con:
             return self._upsert_entity(con, "raters", "rater_id", rater_id, fields, where)
@@ -798,7 +812,7 @@ class Store:
             return True
         stored = dict(zip(names, row, strict=True))
         if "extra" in stored and stored["extra"] is not None:
-            stored["extra"] = _to_json(json.loads(stored["extra"]), where)  # canonical text
+            stored["extra"] = to_json(json.loads(stored["extra"]), where)  # canonical text
         differ = [
             f"{k}: stored {stored[k]!r}, given {v!r}"
             for k, v in fields.items()
@@ -911,11 +925,11 @@ class Store:
 
     def contestants(self) -> list[dict[str, Any]]:
         """Every contestant ordered by id, with ``extra`` decoded from JSON."""
-        return _decode_json(self.query("SELECT * FROM contestants ORDER BY contestant_id"))
+        return decode_json(self.query("SELECT * FROM contestants ORDER BY contestant_id"))
 
     def raters(self) -> list[dict[str, Any]]:
         """Every rater ordered by id, with ``extra`` decoded from JSON."""
-        return _decode_json(self.query("SELECT * FROM raters ORDER BY rater_id"))
+        return decode_json(self.query("SELECT * FROM raters ORDER BY rater_id"))
 
     def comparisons(self, rater_kind: RaterKind | None = None) -> list[dict[str, Any]]:
         """The stored votes in time order (ties by ``comparison_id``), only those of raters of
@@ -924,7 +938,7 @@ class Store:
         if rater_kind is not None:
             sql += " WHERE rater_kind = ?"
             params.append(check_rater_kind(rater_kind))
-        return _decode_json(self.query(sql + " ORDER BY time, comparison_id", params))
+        return decode_json(self.query(sql + " ORDER BY time, comparison_id", params))
 
     def query(
         self, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None
@@ -1068,7 +1082,7 @@ def _read_manifest(path: Path, samples_dir: Path) -> list[tuple[Any, ...]]:
         for k in ("cfg", "shift"):
             fields[k] = _float(fields[k])
         extra = {k: v for k, v in rec.items() if k not in _SAMPLE_FIELDS and k != "path"}
-        fields.update(path=rel, sha256=digest, extra=_to_json(extra, where) if extra else None)
+        fields.update(path=rel, sha256=digest, extra=to_json(extra, where) if extra else None)
         rows[rel] = tuple(fields[c] for c in _SAMPLE_COLUMNS)
     return list(rows.values())
 
@@ -1201,7 +1215,7 @@ def _comparison_row(rec: Any, where: str) -> dict[str, Any]:
         f"{where}: field 'right_id': contestant {vote['left_id']!r} is compared with itself",
     )
     if vote["extra"] is not None:
-        vote["extra"] = _to_json(vote["extra"], f"{where}: field 'extra'")
+        vote["extra"] = to_json(vote["extra"], f"{where}: field 'extra'")
     cid = _comparison_id(vote)
     _require(
         vote["comparison_id"] in (None, cid),
@@ -1262,7 +1276,7 @@ def _fetch_in(
     ).fetchall()
 
 
-def _decode_json(rows: list[dict[str, Any]], column: str = "extra") -> list[dict[str, Any]]:
+def decode_json(rows: list[dict[str, Any]], column: str = "extra") -> list[dict[str, Any]]:
     """Decode a JSON column of query rows in place (JSON columns come back as text)."""
     for r in rows:
         r[column] = None if r[column] is None else json.loads(r[column])
@@ -1285,7 +1299,7 @@ def _require(ok: bool, message: str, error: type[StoreError] = StoreError) -> No
         raise error(message)
 
 
-def _to_json(obj: Any, what: str) -> str:
+def to_json(obj: Any, what: str) -> str:
     """Canonical JSON text (sorted keys, no NaN: DuckDB's JSON type rejects it)."""
     try:
         return json.dumps(obj, sort_keys=True, allow_nan=False)

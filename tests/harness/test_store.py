@@ -32,7 +32,7 @@ from harness.store import (
 )
 
 TABLES_V1 = {"schema_version", "studies", "trials", "runs", "metrics", "samples"}
-TABLES = TABLES_V1 | {"contestants", "raters", "comparisons", "scores", "judgments"}
+TABLES = TABLES_V1 | {"contestants", "raters", "comparisons", "scores", "judgments", "renders"}
 SPEC = {"name": "timestep", "search": {"shift": {"low": 1.0, "high": 6.0}}, "trials": 8}
 
 
