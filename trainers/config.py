@@ -130,7 +130,10 @@ class EvalConfig(Strict):
     reference_images: int = Field(2000, ge=2)
     solver: Solver = "euler"
     steps: int = Field(20, ge=1)
-    guidance: float = Field(3.0, ge=0.0)
+    guidance: float = Field(1.5, ge=0.0)
+    """Lower than the samples' 3.0 on purpose: strong guidance over-saturates images and moves
+    the attribute network's features off the real ones, so domain FID at 3.0 ranks the models
+    that follow prompts best as worst (bench/BENCHMARKS.md, "Domain FID and guidance")."""
     samples_every: int | None = None
     """Save a sample grid to samples/ every N steps (null: only at evaluation steps)."""
     loss_images: int = Field(256, ge=0)
