@@ -49,6 +49,9 @@ _LINE_FIELDS: dict[str, tuple[str, tuple[type, ...], bool]] = {
     "extra": ("extra", (dict,), False),
 }
 DEFAULT_RATER_KIND: RaterKind = "human"
+# Gold votes (the rating app's attention checks: a pair with a known answer, flagged
+# {"gold": true} in comparisons.extra) measure a rater's reliability and never count for ratings.
+NOT_GOLD = "coalesce(extra->>'$.gold', 'false') <> 'true'"
 # Epoch seconds past this (the year 5138) are almost surely milliseconds.
 _MAX_EPOCH_S = 1e11
 _MAX_ERRORS_SHOWN = 10
@@ -190,20 +193,34 @@ def leaderboard(
     Arena scale, mean 1000) with ``confidence`` bootstrap percentile intervals over ``rounds``
     resamples seeded by ``seed``; ``rank`` is Chatbot Arena's rank with intervals (1 + the number
     of contestants ahead beyond doubt, so overlapping ones share a rank). ``elo`` is online Elo
-    (k=32) over the votes in time order. Only contestants with at least one vote appear.
+    (k=32) over the votes in time order. Only contestants with at least one vote appear. Gold
+    votes (``extra.gold``: the rating app's attention checks) are left out.
 
     Returns rows of ``contestant, label, rating, lower, upper, rank, battles, elo``; an empty
     list when there are no votes.
     """
-    from evaluators.ratings import aggregate, bootstrap_ratings, online_elo
-
-    sql, params = "SELECT left_id, right_id, outcome FROM comparisons", []
+    sql, params = f"SELECT left_id, right_id, outcome FROM comparisons WHERE {NOT_GOLD}", []
     if rater_kind is not None:
-        sql += " WHERE rater_kind = ?"
+        sql += " AND rater_kind = ?"
         params.append(check_rater_kind(rater_kind))
     with store.read() as con:
         battles = con.execute(sql + " ORDER BY time, comparison_id", params).fetchall()
         labels = dict(con.execute("SELECT contestant_id, label FROM contestants").fetchall())
+    return rate_battles(battles, labels, rounds, seed, confidence=confidence)
+
+
+def rate_battles(
+    battles: list[tuple[str, str, str]],
+    labels: dict[str, str | None],
+    rounds: int = 1000,
+    seed: int = 0,
+    *,
+    confidence: float = 0.95,
+) -> list[dict[str, Any]]:
+    """Leaderboard rows (see :func:`leaderboard`) from ``(left, right, outcome)`` battles in
+    time order; the arena app calls it with battles filtered by judge, category or study."""
+    from evaluators.ratings import aggregate, bootstrap_ratings, online_elo
+
     if not battles:
         return []
     counts = aggregate(battles)
@@ -213,7 +230,7 @@ def leaderboard(
     return [
         {
             "contestant": row["name"],
-            "label": labels.get(row["name"]),
+            "label": labels.get(str(row["name"])),
             "rating": row["rating"],
             "lower": row["lower"],
             "upper": row["upper"],
