@@ -23,6 +23,10 @@ arena_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(arena_app, name="arena")
+raters_app = typer.Typer(
+    help="Human raters of the arena app and their personal voting links.", no_args_is_help=True
+)
+app.add_typer(raters_app, name="raters")
 
 EXIT_INVALID = 2
 
@@ -181,16 +185,45 @@ def study_status(
 
 @study_app.command("list")
 def study_list(workdir: WorkdirOpt = DEFAULT_WORKDIR, storage: StorageOpt = None) -> None:
-    """The studies in a work directory (or in the Optuna storage ``--storage``)."""
+    """The studies of a work directory: those in its local Optuna file and those whose study
+    file named a database URL (recorded in its DuckDB store); or those in ``--storage``."""
+    import json
+
     import optuna
 
     from harness.runner import Workdir
+    from harness.store import Store
 
-    if storage is None and not (workdir / "optuna.db").exists():
+    urls: list[str] = []
+    if storage is not None:
+        urls.append(storage)
+    else:
+        if (workdir / "optuna.db").exists():
+            urls.append(Workdir(workdir).optuna_url)
+        if (workdir / "harness.duckdb").exists():
+            for row in Store(workdir / "harness.duckdb").query("SELECT spec FROM studies"):
+                url = (json.loads(row["spec"]).get("optuna") or {}).get("storage")
+                if url and url not in urls:
+                    urls.append(url)
+    if not urls:
         typer.echo(f"no studies in {workdir}")
         return
-    for s in optuna.get_all_study_summaries(storage or Workdir(workdir).optuna_url):
-        typer.echo(f"{s.study_name}: {s.n_trials} trials")
+    for url in urls:
+        try:
+            summaries = optuna.get_all_study_summaries(url)
+        except Exception as err:  # one unreachable database must not hide the others
+            typer.echo(f"{_redact(url)}: cannot read ({type(err).__name__}: {err})", err=True)
+            continue
+        where = "" if url == Workdir(workdir).optuna_url else f"  ({_redact(url)})"
+        for s in summaries:
+            typer.echo(f"{s.study_name}: {s.n_trials} trials{where}")
+
+
+def _redact(url: str) -> str:
+    """A storage URL without its password (postgresql://user:secret@host -> user:***@host)."""
+    import re
+
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
 @study_app.command("check")
@@ -360,6 +393,106 @@ def _store_errors() -> Iterator[None]:
     except StoreError as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(EXIT_INVALID) from None
+
+
+# -- the arena app and its raters ----------------------------------------------------------------
+HostOpt = Annotated[
+    str, typer.Option("--host", help="host name the link uses (the machine running `harness app`)")
+]
+PortOpt = Annotated[int, typer.Option("--port", min=1, max=65535, help="the app's port")]
+
+
+@app.command("app")
+def app_cmd(
+    workdir: WorkdirOpt = DEFAULT_WORKDIR,
+    port: PortOpt = 8501,
+    address: Annotated[
+        str, typer.Option("--address", help="interface to listen on (0.0.0.0: every one)")
+    ] = "0.0.0.0",
+) -> None:
+    """Start the arena app (Streamlit): leaderboard, rating sessions, studies and runs.
+
+    It works on WORKDIR/harness.duckdb and only reads, except for votes, so it can run while studies
+    and judges write. Raters open their personal link (`harness raters add NAME`). Example:
+
+        uv run harness app --workdir work --port 8501
+    """
+    import os
+    import subprocess
+    import sys
+
+    main_py = Path(__file__).resolve().parent.parent / "app" / "main.py"
+    if not (workdir / "harness.duckdb").exists():
+        typer.echo(f"note: no store in {workdir} yet; the app shows it once a study writes one")
+    command = [
+        sys.executable, "-m", "streamlit", "run", str(main_py),
+        "--server.headless", "true", "--server.port", str(port),
+        "--server.address", address, "--browser.gatherUsageStats", "false",
+        "--", "--workdir", str(workdir.resolve()),
+    ]  # fmt: skip
+    env = {**os.environ, "HARNESS_WORKDIR": str(workdir.resolve())}
+    try:
+        raise typer.Exit(subprocess.call(command, env=env))
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+@raters_app.command("add")
+def raters_add(
+    name: Annotated[str, typer.Argument(help="the person's name, e.g. 'Ana Lima'")],
+    workdir: WorkdirOpt = DEFAULT_WORKDIR,
+    host: HostOpt = "localhost",
+    port: PortOpt = 8501,
+    new_token: Annotated[
+        bool, typer.Option("--new-token", help="replace the rater's token (the old link dies)")
+    ] = False,
+) -> None:
+    """Register a human rater and print their personal rating link.
+
+    The link is shown once: only a salted hash of its token is stored. Example:
+
+        uv run harness raters add "Ana Lima" --workdir work --host arena.lab --port 8501
+    """
+    from harness.raters import add_rater, rating_link
+
+    store = _open_store(workdir, create=True)
+    with _store_errors():
+        rater_id, token = add_rater(store, name, rotate=new_token)
+    typer.echo(f"rater {rater_id}: send this personal link (it is not stored; keep it private)")
+    typer.echo(rating_link(token, host, port))
+
+
+@raters_app.command("list")
+def raters_list(workdir: WorkdirOpt = DEFAULT_WORKDIR) -> None:
+    """Human raters with their votes and reliability (share of gold pairs answered right)."""
+    from app.voting import reliability
+
+    store = _open_store(workdir, create=False)
+    for r in reliability(store):
+        acc = "-" if r["gold_accuracy"] is None else f"{r['gold_accuracy']:.0%}"
+        typer.echo(
+            f"{r['rater_id']} ({r['name']}): {r['votes']} votes, gold {r['gold_correct']}/"
+            f"{r['gold']} right ({acc})"
+        )
+
+
+@raters_app.command("gold")
+def raters_gold(workdir: WorkdirOpt = DEFAULT_WORKDIR) -> None:
+    """Add gold pairs (attention checks) for human raters: pure noise as the known loser.
+
+    Renders a pure-noise image for every prompt and seed the contestants were rendered on
+    (contestant gold:noise). About one pair in ten a rater sees
+    is then an attention check; gold votes measure reliability and never enter the
+    leaderboard. Run it again after rendering new prompts. Example:
+
+        uv run harness raters gold --workdir work
+    """
+    from app.voting import GOLD_NOISE_ID, add_gold_noise
+
+    store = _open_store(workdir, create=False)
+    with _store_errors():
+        added = add_gold_noise(store, workdir / "arena" / "gold-noise")
+    typer.echo(f"{GOLD_NOISE_ID}: {added} new noise renders")
 
 
 def main() -> None:  # pragma: no cover

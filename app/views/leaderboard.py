@@ -1,0 +1,194 @@
+"""Leaderboard page: Bradley-Terry ratings with 95% intervals, rank, votes, win rate; filters
+by rater kind, judge, prompt category and study; the win-rate matrix; a contestant's
+provenance and images; rater reliability on gold pairs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import plotly.graph_objects as go
+import streamlit as st
+
+from app import common
+from app.data import Filters
+
+ALL = "all"
+
+
+def filters_ui(options: dict[str, list[str]]) -> Filters:
+    """The filter row; returns the chosen filters."""
+    c1, c2, c3, c4 = st.columns([1, 2, 1, 1])
+    kind = c1.selectbox(
+        "Rater kind",
+        [ALL, "human", "judge", "domain"],
+        key="lb_kind",
+        help="Whose votes: people, MLLM judges, the domain judge, or all combined",
+    )
+    pool = (
+        options.get(kind, [])
+        if kind != ALL
+        else [r for k in ("human", "judge", "domain") for r in options.get(k, [])]
+    )
+    raters = c2.multiselect("Judge / rater", pool, key="lb_raters", placeholder="all")
+    category = c3.selectbox("Prompt category", [ALL, *options["categories"]], key="lb_cat")
+    study = c4.selectbox("Study", [ALL, *options["studies"]], key="lb_study")
+    return Filters(
+        rater_kind=None if kind == ALL else kind,
+        raters=tuple(raters),
+        category=None if category == ALL else category,
+        study=None if study == ALL else study,
+    )
+
+
+def table_ui(rows: list[dict[str, Any]]) -> str | None:
+    """The leaderboard table; returns the contestant whose row is selected (default: the top)."""
+    votes = sum(r["battles"] for r in rows) // 2
+    st.caption(
+        f"{len(rows)} contestants, {votes} votes. Bradley-Terry ratings (400 points = 10:1 odds, "
+        "mean 1000) with 95% bootstrap intervals; contestants whose intervals overlap share a "
+        "rank. Ties and 'both bad' count half. Click a row for its provenance and images."
+    )
+    table = [
+        {
+            "rank": r["rank"],
+            "contestant": r["contestant"],
+            "label": r["label"] or "",
+            "rating": round(r["rating"], 1),
+            "95% interval": f"{r['lower']:.0f} to {r['upper']:.0f}",
+            "votes": r["battles"],
+            "win rate": r["win_rate"],
+            "elo": round(r["elo"], 1),
+        }
+        for r in rows
+    ]
+    event = st.dataframe(
+        table,
+        hide_index=True,
+        on_select="rerun",
+        selection_mode="single-row",
+        key="lb_table",
+        column_config={
+            "win rate": st.column_config.ProgressColumn(format="percent", min_value=0, max_value=1),
+        },
+    )
+    picked = getattr(getattr(event, "selection", None), "rows", None) or []
+    return rows[picked[0]]["contestant"] if picked else rows[0]["contestant"]
+
+
+def matrix_ui(matrix: dict[str, Any]) -> None:
+    """Heatmap of pairwise win rates (row beats column)."""
+    names = matrix["names"]
+    text = [
+        [f"{rate:.0%}<br>n={n}" if n else "" for rate, n in zip(rr, nn, strict=True)]
+        for rr, nn in zip(matrix["rate"], matrix["battles"], strict=True)
+    ]
+    fig = go.Figure(
+        go.Heatmap(
+            z=matrix["rate"],
+            x=names,
+            y=names,
+            text=text,
+            texttemplate="%{text}",
+            colorscale="RdBu",
+            zmin=0,
+            zmax=1,
+            colorbar={"title": "win rate"},
+            hovertemplate="%{y} beats %{x}: %{z:.0%}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        height=120 + 45 * len(names),
+        xaxis_title="opponent",
+        yaxis_title="contestant",
+        yaxis_autorange="reversed",
+        margin={"t": 20},
+    )
+    st.plotly_chart(fig, key="lb_matrix")
+
+
+def contestant_ui(db: str, cid: str) -> None:
+    """Provenance of one contestant and its renders."""
+    info = common.contestant(db, cid)
+    if info is None:
+        st.info(f"Contestant {cid} is not registered (votes were imported with its id only).")
+        return
+    st.subheader(f"{cid}" + (f" ({info['label']})" if info["label"] else ""))
+    prov = {
+        "run": info["run_id"] or "external image set",
+        "study / trial": f"{info['study']} / {info['trial']}" if info["study"] else "-",
+        "config hash": info["config_hash"] or "-",
+        "sampler": info["solver"] or "-",
+        "steps": common.fmt(info["steps"]),
+        "guidance": common.fmt(info["guidance"]),
+        "shift": common.fmt(info["shift"]),
+        "renders": str(len(info["renders"])),
+    }
+    st.table([{"": k, "value": v} for k, v in prov.items()], hide_index=True)
+    if info["run_id"]:
+        st.page_link(
+            "views/runs.py",
+            label=f"Open run {info['run_id']}",
+            icon=":material/arrow_forward:",
+            query_params={"run": info["run_id"]},
+        )
+    renders = info["renders"][:12]
+    if renders:
+        images = [common.render_png(db, cid, r["prompt_id"], r["seed"]) for r in renders]
+        caps = [f"{r['prompt']} (seed {r['seed']})" for r in renders]
+        common.show_images(images, caps)
+
+
+def reliability_ui(db: str) -> None:
+    """Per human rater: votes and accuracy on gold pairs."""
+    rows = common.reliability(db)
+    if not rows:
+        st.caption("No human raters yet: `harness raters add NAME` prints a personal link.")
+        return
+    st.dataframe(
+        [
+            {
+                "rater": r["rater_id"],
+                "name": r["name"],
+                "votes": r["votes"],
+                "gold pairs": r["gold"],
+                "gold right": r["gold_correct"],
+                "reliability": r["gold_accuracy"],
+                "median seconds": r["median_latency_s"],
+            }
+            for r in rows
+        ],
+        hide_index=True,
+        key="lb_reliability",
+        column_config={
+            "reliability": st.column_config.ProgressColumn(
+                format="percent",
+                min_value=0,
+                max_value=1,
+                help="share of gold pairs (known answer: an image vs pure noise) answered right",
+            ),
+            "median seconds": st.column_config.NumberColumn(format="%.1f"),
+        },
+    )
+
+
+def main() -> None:
+    st.title("Arena leaderboard")
+    store = common.store()
+    if store is None:
+        return
+    db = common.db_path()
+    filters = filters_ui(common.filter_options(db))
+    rows, matrix = common.leaderboard(db, filters)
+    if not rows:
+        st.info("No votes match these filters yet.")
+    else:
+        cid = table_ui(rows)
+        with st.expander("Win-rate matrix", expanded=len(rows) <= 12):
+            matrix_ui(matrix)
+        if cid is not None:
+            contestant_ui(db, cid)
+    st.subheader("Raters")
+    reliability_ui(db)
+
+
+main()

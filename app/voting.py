@@ -1,0 +1,416 @@
+"""Pairwise human rating: which pair to show next, recording a vote exactly once, undo, gold
+pairs and rater reliability. Plain Python over the store (no Streamlit), so that the app's
+rating page, the tests and the concurrency test all cast votes through the same functions.
+
+Pairs. A pair is two contestants' renders for the same prompt and seed (``renders``), so the
+same initial noise. Which two contestants: :func:`evaluators.ratings.next_pairs` over the human
+votes stored so far (the pairs whose order is most uncertain and least measured come first);
+which prompt and seed: one both contestants rendered, preferring one this rater has not judged
+for this pair yet. The side each contestant is shown on is random (``next_pairs`` draws it),
+which spreads position bias evenly. A planned pair becomes an :class:`IssuedPair` when it is
+shown: it gets a random nonce and its issue time.
+
+Exactly once. ``comparison_id`` is a hash of (prompt, seed, left, right, rater, time) and
+:meth:`Store.add_comparisons` stores a vote with a known id once. The vote's ``time`` is the
+pair's *issue* time, fixed before the rater clicks, so a double click, a script rerun, a
+resubmission or a retry after a lock timeout all produce the same id and count once; the nonce
+goes into ``extra`` and the session keeps the nonces it already voted on. The click time is
+``extra.voted_at`` and the decision time ``extra.latency_s``.
+
+Gold pairs (attention checks). A contestant whose ``extra`` has ``"gold": "bad"`` is a known
+loser: ``harness raters gold`` registers ``gold:noise``, pure Gaussian noise images rendered
+for every prompt and seed of the arena. A gold pair puts a gold-bad render against a render of a
+contestant flagged ``"gold": "good"`` (e.g. the data set's real images registered as an image
+set) or, when none is flagged, of any regular contestant, for the same prompt and seed. About
+one pair in :data:`GOLD_RATE` is gold. A gold vote is stored with ``extra.gold = true`` and
+``extra.gold_expected`` (the side that should win); the leaderboard and the pair sampler leave
+gold votes out (:data:`harness.arena.NOT_GOLD`), and :func:`reliability` reports per rater the
+share of gold pairs answered with the expected side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import secrets
+import statistics
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from harness.arena import NOT_GOLD
+from harness.store import OUTCOMES, Store, StoreError, _comparison_id, decode_json
+
+GOLD_RATE = 0.1
+"""Share of issued pairs that are gold (attention checks)."""
+GOLD_NOISE_ID = "gold:noise"
+Side = Literal["left", "right"]
+
+
+@dataclass(frozen=True)
+class PlannedPair:
+    """A pair to show: two contestants and the prompt and seed both rendered."""
+
+    prompt_id: int
+    prompt: str
+    seed: int
+    category: str | None
+    left_id: str
+    right_id: str
+    gold_expected: Side | None = None  # the side that should win, for a gold pair
+
+
+@dataclass(frozen=True)
+class IssuedPair(PlannedPair):
+    """A pair as shown to a rater: with its nonce and issue time (the vote's ``time``)."""
+
+    nonce: str = ""
+    issued_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class VoteResult:
+    """What :func:`record_vote` did: the vote's id and whether it was new."""
+
+    comparison_id: str
+    stored: bool
+
+
+@dataclass(frozen=True)
+class _Pool:
+    """The arena's renders: (prompt_id, seed) -> (prompt, category), per contestant."""
+
+    keys: dict[str, set[tuple[int, int]]]
+    prompts: dict[tuple[int, int], tuple[str, str | None]]
+    gold: dict[str, str]  # contestant -> "good" / "bad", flagged ones only
+
+    @property
+    def regular(self) -> list[str]:
+        return sorted(c for c in self.keys if self.gold.get(c) != "bad")
+
+
+def _pool(store: Store) -> _Pool:
+    with store.read() as con:
+        renders = con.execute(
+            "SELECT contestant_id, prompt_id, seed, prompt, category FROM renders"
+        ).fetchall()
+        flags = con.execute(
+            "SELECT contestant_id, extra->>'$.gold' FROM contestants "
+            "WHERE extra->>'$.gold' IN ('good', 'bad')"
+        ).fetchall()
+    keys: dict[str, set[tuple[int, int]]] = {}
+    prompts: dict[tuple[int, int], tuple[str, str | None]] = {}
+    for cid, pid, seed, prompt, category in renders:
+        keys.setdefault(cid, set()).add((pid, seed))
+        prompts[(pid, seed)] = (prompt, category)
+    return _Pool(keys, prompts, dict(flags))
+
+
+def plan_pairs(
+    store: Store, rater_id: str, k: int = 5, *, rng: random.Random | None = None
+) -> list[PlannedPair]:
+    """The next ``k`` pairs for ``rater_id``, about :data:`GOLD_RATE` of them gold.
+
+    Empty when fewer than two regular contestants have renders for a common prompt and seed.
+    """
+    from evaluators.ratings import PairCounts, aggregate, next_pairs
+
+    rng = rng or random.Random()
+    pool = _pool(store)
+    names = pool.regular
+    if len(names) < 2:
+        return []
+    with store.read() as con:
+        battles = con.execute(
+            "SELECT left_id, right_id, outcome FROM comparisons "
+            f"WHERE rater_kind = 'human' AND {NOT_GOLD} "
+            "AND left_id IN (SELECT unnest(?)) AND right_id IN (SELECT unnest(?))",
+            [names, names],
+        ).fetchall()
+        seen = con.execute(
+            "SELECT left_id, right_id, prompt, seed FROM comparisons WHERE rater_id = ?",
+            [rater_id],
+        ).fetchall()
+    if battles:
+        counts = aggregate(battles, names=names)
+    else:  # next_pairs draws uniformly from empty counts; aggregate refuses an empty list
+        counts = PairCounts(tuple(names), np.zeros((0, 2)), np.zeros((0, 4)))
+    judged = {(frozenset((a, b)), p, s) for a, b, p, s in seen}
+    # Ask for extra candidates: a pair without a common prompt and seed is skipped.
+    candidates = next_pairs(counts, k=2 * k + 2, seed=rng.randrange(2**31))
+    out: list[PlannedPair] = []
+    for left, right in candidates:
+        if len(out) == k:
+            break
+        if rng.random() < GOLD_RATE and (gold := _gold_pair(pool, rng)) is not None:
+            out.append(gold)
+            continue
+        pair = _with_prompt(pool, left, right, judged, rng)
+        if pair is not None:
+            out.append(pair)
+            judged.add((frozenset((left, right)), pair.prompt, pair.seed))  # not twice a batch
+    return out
+
+
+def _with_prompt(
+    pool: _Pool,
+    left: str,
+    right: str,
+    judged: set[tuple[frozenset[str], str, int]],
+    rng: random.Random,
+) -> PlannedPair | None:
+    common = sorted(pool.keys[left] & pool.keys[right])
+    if not common:
+        return None
+    fresh = [
+        key
+        for key in common
+        if (frozenset((left, right)), pool.prompts[key][0], key[1]) not in judged
+    ]
+    pid, seed = rng.choice(fresh or common)
+    prompt, category = pool.prompts[(pid, seed)]
+    return PlannedPair(pid, prompt, seed, category, left, right)
+
+
+def _gold_pair(pool: _Pool, rng: random.Random) -> PlannedPair | None:
+    bad = sorted(c for c, g in pool.gold.items() if g == "bad" and c in pool.keys)
+    good = sorted(c for c, g in pool.gold.items() if g == "good" and c in pool.keys)
+    good = good or [c for c in pool.regular]
+    options = [(g, b) for g in good for b in bad if pool.keys[g] & pool.keys[b]]
+    if not options:
+        return None
+    g, b = rng.choice(options)
+    pid, seed = rng.choice(sorted(pool.keys[g] & pool.keys[b]))
+    prompt, category = pool.prompts[(pid, seed)]
+    if rng.random() < 0.5:
+        return PlannedPair(pid, prompt, seed, category, g, b, gold_expected="left")
+    return PlannedPair(pid, prompt, seed, category, b, g, gold_expected="right")
+
+
+def issue(planned: PlannedPair, *, now: float | None = None) -> IssuedPair:
+    """Show a planned pair: give it a nonce and fix its issue time (the vote's identity)."""
+    return IssuedPair(
+        **asdict(planned),
+        nonce=secrets.token_hex(8),
+        issued_at=time.time() if now is None else now,
+    )
+
+
+def render_image(store: Store, contestant_id: str, prompt_id: int, seed: int) -> bytes:
+    """The PNG bytes of a registered render, looked up by id (never by a path from input).
+    Raises :class:`FileNotFoundError` naming the render when it is missing."""
+    rows = store.query(
+        "SELECT path, sha256 FROM renders WHERE contestant_id = ? AND prompt_id = ? AND seed = ?",
+        [contestant_id, prompt_id, seed],
+    )
+    if not rows:
+        raise FileNotFoundError(
+            f"no render of contestant {contestant_id!r} for prompt {prompt_id}, seed {seed}"
+        )
+    return Path(rows[0]["path"]).read_bytes()
+
+
+def _render_hashes(store: Store, pair: PlannedPair) -> tuple[str | None, str | None]:
+    rows = store.query(
+        "SELECT contestant_id, sha256 FROM renders WHERE prompt_id = ? AND seed = ? "
+        "AND contestant_id IN (?, ?)",
+        [pair.prompt_id, pair.seed, pair.left_id, pair.right_id],
+    )
+    found = {r["contestant_id"]: r["sha256"] for r in rows}
+    return found.get(pair.left_id), found.get(pair.right_id)
+
+
+def vote_row(
+    pair: IssuedPair,
+    outcome: str,
+    rater_id: str,
+    session: str,
+    *,
+    voted_at: float,
+    images: tuple[str | None, str | None] = (None, None),
+) -> dict[str, Any]:
+    """The ``comparisons`` row for a vote on ``pair`` (see the module docstring)."""
+    if outcome not in OUTCOMES:
+        raise ValueError(f"outcome {outcome!r} is not one of {', '.join(OUTCOMES)}")
+    extra: dict[str, Any] = {
+        "nonce": pair.nonce,
+        "prompt_id": pair.prompt_id,
+        "category": pair.category,
+        "voted_at": voted_at,
+        "latency_s": round(max(voted_at - pair.issued_at, 0.0), 3),
+        "source": "app",
+    }
+    if pair.gold_expected is not None:
+        extra.update(gold=True, gold_expected=pair.gold_expected)
+    return {
+        "prompt": pair.prompt,
+        "seed": pair.seed,
+        "left_id": pair.left_id,
+        "right_id": pair.right_id,
+        "left_image": images[0],
+        "right_image": images[1],
+        "outcome": outcome,
+        "rater_id": rater_id,
+        "rater_kind": "human",
+        "time": pair.issued_at,
+        "session": session,
+        "extra": extra,
+    }
+
+
+def record_vote(
+    store: Store,
+    pair: IssuedPair,
+    outcome: str,
+    rater_id: str,
+    session: str,
+    *,
+    voted_at: float | None = None,
+) -> VoteResult:
+    """Store a vote on an issued pair, exactly once however often it is submitted.
+
+    The same pair voted again with the same outcome stores nothing new (``stored`` False);
+    with another outcome it raises :class:`StoreError` (undo first, then vote again).
+    """
+    images = _render_hashes(store, pair)
+    row = vote_row(
+        pair,
+        outcome,
+        rater_id,
+        session,
+        voted_at=time.time() if voted_at is None else voted_at,
+        images=images,
+    )
+    added = store.add_comparisons([row])
+    return VoteResult(comparison_id(pair, rater_id), added.inserted == 1)
+
+
+def comparison_id(pair: IssuedPair, rater_id: str) -> str:
+    """The stored id of a vote by ``rater_id`` on ``pair``: the store's own content hash
+    (called, not copied, so that the two cannot drift apart)."""
+    return _comparison_id(
+        {
+            "prompt": pair.prompt,
+            "seed": pair.seed,
+            "left_id": pair.left_id,
+            "right_id": pair.right_id,
+            "rater_id": rater_id,
+            "time": pair.issued_at,
+        }
+    )
+
+
+def undo_vote(store: Store, comparison_id_: str, rater_id: str, session: str) -> bool:
+    """Delete a vote of this rater in this session; False if there was none. A rater can only
+    undo their own votes of the current session."""
+    with store.transaction() as con:
+        gone = con.execute(
+            "DELETE FROM comparisons WHERE comparison_id = ? AND rater_id = ? AND session = ? "
+            "RETURNING comparison_id",
+            [comparison_id_, rater_id, session],
+        ).fetchall()
+    return bool(gone)
+
+
+def session_summary(store: Store, rater_id: str, session: str) -> dict[str, Any]:
+    """Votes of this rater in this session: count per outcome, gold pairs answered and right,
+    median decision time, and the rater's total stored votes."""
+    rows = decode_json(
+        store.query(
+            "SELECT outcome, extra FROM comparisons WHERE rater_id = ? AND session = ?",
+            [rater_id, session],
+        )
+    )
+    total = store.query("SELECT count(*) AS n FROM comparisons WHERE rater_id = ?", [rater_id])
+    outcomes = Counter(r["outcome"] for r in rows)
+    gold = [r for r in rows if (r["extra"] or {}).get("gold")]
+    latencies = [r["extra"]["latency_s"] for r in rows if "latency_s" in (r["extra"] or {})]
+    return {
+        "votes": len(rows),
+        "outcomes": {o: outcomes.get(o, 0) for o in OUTCOMES},
+        "gold": len(gold),
+        "gold_correct": sum(r["outcome"] == r["extra"].get("gold_expected") for r in gold),
+        "median_latency_s": statistics.median(latencies) if latencies else None,
+        "all_time_votes": int(total[0]["n"]),
+    }
+
+
+def reliability(store: Store) -> list[dict[str, Any]]:
+    """Per human rater: votes (gold excluded), gold pairs answered, answered right, and the
+    accuracy on gold pairs (None before the first); a low accuracy flags a careless rater."""
+    rows = store.query(
+        """
+        SELECT r.rater_id, r.name,
+               count(c.comparison_id) FILTER (WHERE c.comparison_id IS NOT NULL
+                   AND coalesce(c.extra->>'$.gold', 'false') <> 'true') AS votes,
+               count(*) FILTER (WHERE c.extra->>'$.gold' = 'true') AS gold,
+               count(*) FILTER (WHERE c.extra->>'$.gold' = 'true'
+                   AND c.outcome = c.extra->>'$.gold_expected') AS gold_correct,
+               median((c.extra->>'$.latency_s')::DOUBLE) AS median_latency_s
+        FROM raters r LEFT JOIN comparisons c USING (rater_id)
+        WHERE r.kind = 'human'
+        GROUP BY r.rater_id, r.name
+        ORDER BY r.rater_id
+        """
+    )
+    for r in rows:
+        r["gold_accuracy"] = r["gold_correct"] / r["gold"] if r["gold"] else None
+    return rows
+
+
+def add_gold_noise(store: Store, out_dir: str | Path, *, size: int | None = None) -> int:
+    """Register the ``gold:noise`` contestant (``extra.gold = "bad"``): a pure Gaussian noise
+    PNG for every (prompt, seed) that regular contestants rendered, written under ``out_dir``.
+    Idempotent; returns how many renders it added. The image size follows the existing renders
+    (``size`` overrides). Raises :class:`StoreError` when there are no renders yet."""
+    from PIL import Image
+
+    rows = store.query(
+        "SELECT DISTINCT ON (prompt_id, seed) prompt_id, seed, prompt, category, path "
+        "FROM renders WHERE contestant_id <> ? ORDER BY prompt_id, seed",
+        [GOLD_NOISE_ID],
+    )
+    if not rows:
+        raise StoreError(
+            f"no renders in {store.path} to make gold pairs for: render contestants first "
+            "(harness arena render)"
+        )
+    if size is None:
+        with Image.open(rows[0]["path"]) as im:
+            size = max(im.size)
+    store.add_contestant(
+        GOLD_NOISE_ID,
+        label="pure noise (gold pairs)",
+        extra={"gold": "bad", "what": "N(0.5, 0.25) RGB noise, clipped"},
+    )
+    done = {
+        (r["prompt_id"], r["seed"])
+        for r in store.query(
+            "SELECT prompt_id, seed FROM renders WHERE contestant_id = ?", [GOLD_NOISE_ID]
+        )
+    }
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    new = []
+    for r in rows:
+        if (r["prompt_id"], r["seed"]) in done:
+            continue
+        noise = np.random.default_rng([r["prompt_id"], r["seed"]]).normal(
+            0.5, 0.25, (size, size, 3)
+        )
+        path = out / f"p{r['prompt_id']:05d}_s{r['seed']}.png"
+        Image.fromarray((noise.clip(0, 1) * 255).round().astype(np.uint8)).save(path)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        new.append((r["prompt_id"], r["prompt"], r["category"], r["seed"], str(path), digest))
+    if new:
+        with store.transaction() as con:
+            con.executemany(
+                "INSERT INTO renders (contestant_id, prompt_id, prompt, category, seed, path, "
+                "sha256, time) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                [(GOLD_NOISE_ID, *row, time.time()) for row in new],
+            )
+    return len(new)
