@@ -286,6 +286,152 @@ def arena_import(
     typer.echo(message)
 
 
+@arena_app.command("add")
+def arena_add(
+    run_ids: Annotated[list[str], typer.Argument(help="run ids (the `runs` table)")],
+    steps: Annotated[
+        str, typer.Option("--steps", help="sampler steps, comma-separated: one contestant each")
+    ] = "25",
+    solver: Annotated[str, typer.Option("--solver", help="euler or heun")] = "euler",
+    guidance: Annotated[float, typer.Option("--guidance", help="classifier-free guidance")] = 3.0,
+    label: Annotated[str | None, typer.Option("--label", help="display name")] = None,
+    workdir: WorkdirOpt = DEFAULT_WORKDIR,
+) -> None:
+    """Register contestants: each run's exported model at each sampler setting.
+
+    Ids read RUN@SOLVER-STEPS-cfgGUIDANCE; adding one again changes nothing. Each run must be
+    registered and have final/. Example:
+
+        uv run harness arena add timestep/0000 timestep/0001 --steps 8,25 --guidance 3.0
+    """
+    from harness.arena_pipeline import add_run_contestants, parse_int_list
+
+    store = _open_store(workdir, create=False)
+    with _store_errors():
+        added = add_run_contestants(
+            store,
+            run_ids,
+            steps=parse_int_list(steps, "--steps"),
+            solver=solver,
+            guidance=guidance,
+            label=label,
+        )
+    for c in added:
+        typer.echo(f"{c.contestant_id}: {'added' if c.created else 'already registered'}")
+
+
+@arena_app.command("render")
+def arena_render(
+    prompts: Annotated[
+        str, typer.Option("--prompts", help="'embedded' (shapes captions) or a text file")
+    ] = "embedded",
+    num_prompts: Annotated[
+        int | None,
+        typer.Option("--num-prompts", min=1, help="prompts to use [default: 16 / whole file]"),
+    ] = None,
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="seeds 0..K-1 per prompt")] = 2,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto")] = "cpu",
+    workdir: WorkdirOpt = DEFAULT_WORKDIR,
+) -> None:
+    """Render every contestant on the same prompts and seeds (so the same initial noise).
+
+    PNGs go to WORKDIR/arena/renders/<contestant>/ and the `renders` table. What is already
+    rendered is skipped, so rerun after Ctrl-C or after adding contestants. Example:
+
+        uv run harness arena render --num-prompts 16 --seeds 2 --workdir work
+    """
+    from harness.arena_pipeline import load_prompts, render_contestants
+
+    store = _open_store(workdir, create=False)
+    with _store_errors():
+        prompt_set = load_prompts(prompts, num_prompts)
+        try:
+            summary = render_contestants(
+                store, workdir, prompt_set, list(range(seeds)), device=device
+            )
+        except KeyboardInterrupt:
+            typer.echo("stopped; rendered batches are kept, rerun to resume", err=True)
+            raise typer.Exit(130) from None
+    typer.echo(
+        f"{summary.contestants} contestants x {len(prompt_set)} prompts x {seeds} seeds: "
+        f"{summary.rendered} rendered, {summary.skipped} already there"
+    )
+    if summary.not_renderable:
+        typer.echo(f"not rendered (no run): {', '.join(summary.not_renderable)}")
+
+
+@arena_app.command("agreement")
+def arena_agreement(
+    workdir: WorkdirOpt = DEFAULT_WORKDIR,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON rows")] = False,
+) -> None:
+    """Each judge against the human votes on the same prompt, seed and pair, and its
+    consistency when the sides are swapped. Tie and both_bad both count as "no preference".
+    """
+    import json
+
+    from harness.arena_pipeline import judge_agreement
+
+    store = _open_store(workdir, create=False)
+    with _store_errors():
+        rows = judge_agreement(store)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        typer.echo(f"no judge comparisons in {store.path}; run `harness judge` first")
+        return
+
+    def pct(hits: int, n: int) -> str:
+        return f"{100 * hits / n:.0f}% of {n}" if n else "-"
+
+    for r in rows:
+        typer.echo(
+            f"{r['rater_id']} ({r['kind']}): agreement with humans "
+            f"{pct(r['agree'], r['human_pairs'])}, when both pick a winner "
+            f"{pct(r['decisive_agree'], r['decisive_pairs'])}; swap consistency "
+            f"{pct(r['swap_consistent'], r['swap_pairs'])}"
+        )
+
+
+@app.command("judge")
+def judge_cmd(
+    judge: Annotated[
+        str, typer.Option("--judge", help="domain (offline), openai, or local:<model dir>")
+    ],
+    pairs: Annotated[int, typer.Option("--pairs", min=1, help="comparisons to ask for")] = 20,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="pair-sampler seed [default: votes so far]")
+    ] = None,
+    workdir: WorkdirOpt = DEFAULT_WORKDIR,
+) -> None:
+    """Judge rendered pairs and store the verdicts as comparisons.
+
+    Pairs come from the rating engine's sampler (the most informative next), items from the
+    renders both contestants have, sides at random. Ctrl-C keeps what was stored. Example:
+
+        uv run harness judge --judge domain --pairs 50 --workdir work
+    """
+    from harness.arena_pipeline import build_judge, judge_round
+
+    store = _open_store(workdir, create=False)
+    with _store_errors():
+        judge_obj = build_judge(judge, store)
+        summary = judge_round(store, judge_obj, pairs, seed=seed)
+    outcomes = ", ".join(f"{k} {v}" for k, v in sorted(summary.outcomes.items()))
+    typer.echo(
+        f"{summary.rater_id}: {summary.stored} comparisons stored ({outcomes or 'none'}), "
+        f"{summary.no_verdict} without a verdict"
+    )
+    for reason, n in summary.no_verdict_reasons.items():
+        typer.echo(f"  no verdict x{n}: {reason}")
+    for a, b in summary.pairs_without_items:
+        typer.echo(f"  skipped {a} vs {b}: no prompt/seed rendered by both")
+    if summary.interrupted:
+        typer.echo("stopped; the verdicts above are stored", err=True)
+        raise typer.Exit(130)
+
+
 @app.command("leaderboard")
 def leaderboard(
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
@@ -331,6 +477,11 @@ def leaderboard(
         typer.echo(f"no comparisons in {store.path}" + (f" by {kind} raters" if kind else ""))
         return
     _print_leaderboard(rows, kind, rounds)
+    from harness.arena_pipeline import underpowered_pairs
+
+    weak = [p for p in underpowered_pairs(store, kind, rounds=rounds, seed=seed) if p["underpowered"]]
+    for p in weak:
+        typer.echo(f"underpowered: {p['a']} vs {p['b']}: {p['reason']}")
 
 
 def _print_leaderboard(rows: list[dict], kind: str | None, rounds: int) -> None:
@@ -393,6 +544,64 @@ def _store_errors() -> Iterator[None]:
     except StoreError as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(EXIT_INVALID) from None
+
+
+@app.command("eval")
+def eval_cmd(
+    target: Annotated[
+        str, typer.Argument(help="a run id in the store, a run directory, or an image folder")
+    ],
+    metrics: Annotated[
+        str,
+        typer.Option(
+            "--metrics", help="comma list of fid, kid, cmmd, clip_score, domain_fid, attr_acc"
+        ),
+    ] = "fid,kid,cmmd,clip_score",
+    reference: Annotated[
+        str | None,
+        typer.Option(
+            "--reference",
+            help="real images: 'embedded' (shapes val split) or FOLDER [default: the run's data]",
+        ),
+    ] = None,
+    reference_size: Annotated[
+        int, typer.Option("--reference-size", min=2, help="reference images (cached)")
+    ] = 1000,
+    tag: Annotated[
+        str | None, typer.Option("--tag", help="sample set, e.g. step_000500 [default: final]")
+    ] = None,
+    inception: Annotated[
+        str | None,
+        typer.Option("--inception", help="Inception weights .pth [env HARNESS_INCEPTION_WEIGHTS]"),
+    ] = None,
+    clip: Annotated[
+        str | None,
+        typer.Option("--clip", help="CLIP model dir or cached hub id [env HARNESS_CLIP_PATH]"),
+    ] = None,
+    resize: Annotated[
+        str, typer.Option("--resize", help="Inception resize: clean or legacy-tf")
+    ] = "clean",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, ...")] = "cpu",
+    workdir: WorkdirOpt = DEFAULT_WORKDIR,
+) -> None:
+    """Score a run's samples (or an image folder) and store the scores with their provenance.
+
+    FID and KID use Inception (torch-fidelity weights), CMMD and CLIP score use CLIP; nothing
+    is downloaded: weights come from --inception / --clip, the environment variables, or the
+    torch hub / Hugging Face caches. Reference features are cached. Examples:
+
+        uv run harness eval timestep/0 --metrics fid,kid,cmmd,clip_score --workdir work
+        uv run harness eval runs/tiny --metrics cmmd --clip ~/models/clip-vit-large-patch14-336
+        uv run harness eval my_images/ --metrics fid --reference real_images/
+    """
+    from harness.evaluate_cmd import run
+
+    code = run(
+        target, workdir, metrics, reference=reference, reference_size=reference_size, tag=tag,
+        inception=inception, clip=clip, resize=resize, batch_size=batch_size, device=device,
+    )  # fmt: skip
+    raise typer.Exit(code)
 
 
 # -- the arena app and its raters ----------------------------------------------------------------
