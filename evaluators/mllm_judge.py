@@ -170,10 +170,9 @@ def extract_json_object(text: str) -> dict[str, Any]:
             continue
         if isinstance(value, dict):
             return value
-    snippet = text.strip()[:80]
-    raise AnswerError(
-        f"no JSON object in the reply (starts {snippet!r})" if snippet else "empty reply"
-    )
+    # No snippet of the reply in the message: it is stored in judgments.raw anyway, and equal
+    # messages let `harness judge` count the failures by reason.
+    raise AnswerError("no JSON object in the reply" if text.strip() else "empty reply")
 
 
 def _score(obj: Mapping[str, Any], key: str) -> int:
@@ -354,6 +353,7 @@ class MLLMJudge:
         self.rubric_version = rubric_version
         self.flush_every = max(int(flush_every), 1)
         self.rater_id = f"judge:{backend.model}:{rubric_version}"
+        self.name = f"MLLM judge {backend.model} ({backend.name}, rubric {rubric_version})"
 
     def __repr__(self) -> str:
         return f"MLLMJudge({self.backend!r}, rater_id={self.rater_id!r})"
