@@ -479,9 +479,9 @@ def leaderboard(
     _print_leaderboard(rows, kind, rounds)
     from harness.arena_pipeline import underpowered_pairs
 
-    weak = [p for p in underpowered_pairs(store, kind, rounds=rounds, seed=seed) if p["underpowered"]]
-    for p in weak:
-        typer.echo(f"underpowered: {p['a']} vs {p['b']}: {p['reason']}")
+    for p in underpowered_pairs(store, kind, rounds=rounds, seed=seed):
+        if p["underpowered"]:
+            typer.echo(f"underpowered: {p['a']} vs {p['b']}: {p['reason']}")
 
 
 def _print_leaderboard(rows: list[dict], kind: str | None, rounds: int) -> None:
@@ -637,6 +637,7 @@ def app_cmd(
         sys.executable, "-m", "streamlit", "run", str(main_py),
         "--server.headless", "true", "--server.port", str(port),
         "--server.address", address, "--browser.gatherUsageStats", "false",
+        "--client.toolbarMode", "viewer", "--runner.magicEnabled", "false",
         "--", "--workdir", str(workdir.resolve()),
     ]  # fmt: skip
     env = {**os.environ, "HARNESS_WORKDIR": str(workdir.resolve())}

@@ -6,7 +6,17 @@ read-only openers while it is held, see FIELD-NOTES.md): there is no long-lived 
 Every operation opens the file, runs one short transaction, commits and closes. Opening is
 retried with exponential backoff and jitter while the file is locked by another process, up to
 ``Store(timeout=...)`` seconds, then :class:`StoreBusyError` names the file and the holder.
-Any other error is raised at once. Inside one process, operations on the same file are
+Any other error is raised at once.
+
+DuckDB's own file lock is not enough between our processes: under load, 4 writer processes and
+a reader doing one-row transactions lost committed rows and hit "Could not read enough bytes"
+(a process read the file while another was still writing it; we did not pin down where DuckDB
+lets go of its lock early). So every
+operation on a file also holds an flock on the sidecar ``<file>.lock`` for its whole
+open-transaction-close: shared for reads, exclusive for writes (``_file_lock``). DuckDB's lock
+and its retry loop stay, for processes that do not take ours (a duckdb CLI session).
+
+Inside one process, operations on the same file are
 serialized by a lock (DuckDB shares one database instance per file inside a process, and
 refuses a read-only and a read-write connection to it at the same time).
 
@@ -39,6 +49,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import re
 import threading
@@ -389,17 +400,74 @@ class Store:
         with self._lock:
             held.add(self._key)
             try:
-                con = self._mem.cursor() if self._mem is not None else self._open(read_only)
-                try:
-                    yield con
-                finally:
-                    con.close()
+                if self._mem is not None:
+                    con = self._mem.cursor()
+                    try:
+                        yield con
+                    finally:
+                        con.close()
+                    return
+                start = time.monotonic()
+                with self._file_lock(read_only, start):
+                    con = self._open(read_only, start)
+                    try:
+                        yield con
+                    finally:
+                        con.close()  # checkpoints and writes everything before the flock goes
             finally:
                 held.discard(self._key)
 
-    def _open(self, read_only: bool) -> duckdb.DuckDBPyConnection:
-        """Connect, retrying while another process holds the file lock."""
-        start = time.monotonic()
+    @contextmanager
+    def _file_lock(self, shared: bool, start: float) -> Iterator[None]:
+        """flock ``<file>.lock`` (shared or exclusive), retrying with backoff until the timeout
+        counted from ``start``. Without flock (not POSIX) or a writable directory: no-op."""
+        try:
+            import fcntl
+        except ImportError:  # Windows: DuckDB's own lock only
+            yield
+            return
+        try:
+            fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as err:  # e.g. a read-only directory: only readers get here in practice
+            log.debug("no sidecar lock for %s (%s); relying on DuckDB's", self.path, err)
+            yield
+            return
+        try:
+            delay = _BACKOFF_FIRST_S
+            warned = False
+            while True:
+                try:
+                    fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    waited = time.monotonic() - start
+                    if waited >= self.timeout:
+                        self._record_wait(waited)
+                        raise StoreBusyError(
+                            self._busy_message(
+                                f"another harness process holds {self.path}.lock", waited, shared
+                            )
+                        ) from None
+                    if waited >= _WARN_AFTER_S and not warned:
+                        warned = True
+                        log.warning("waiting for the lock on %s.lock", self.path)
+                    self.stats.retries += 1
+                    delay = self._backoff(delay, waited)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+    def _backoff(self, delay: float, waited: float) -> float:
+        """Sleep about ``delay`` and return the next delay. Exponential backoff with "equal
+        jitter": half fixed, half random, so that processes that collided once do not collide
+        again in lockstep."""
+        pause = delay / 2 + random.uniform(0, delay / 2)
+        time.sleep(min(pause, max(self.timeout - waited, 0.0)))
+        return min(delay * 2, _BACKOFF_CAP_S)
+
+    def _open(self, read_only: bool, start: float) -> duckdb.DuckDBPyConnection:
+        """Connect, retrying while another process holds DuckDB's file lock, until the timeout
+        counted from ``start``."""
         delay = _BACKOFF_FIRST_S
         warned = False
         while True:
@@ -417,11 +485,7 @@ class Store:
                     warned = True
                     log.warning("waiting for the lock on %s: %s", self.path, _holder(message))
                 self.stats.retries += 1
-                # Exponential backoff with "equal jitter": half fixed, half random, so that
-                # processes that collided once do not collide again in lockstep.
-                pause = delay / 2 + random.uniform(0, delay / 2)
-                time.sleep(min(pause, max(self.timeout - waited, 0.0)))
-                delay = min(delay * 2, _BACKOFF_CAP_S)
+                delay = self._backoff(delay, waited)
                 continue
             self.stats.opens += 1
             self._record_wait(time.monotonic() - start)
