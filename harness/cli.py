@@ -533,7 +533,9 @@ def _open_store(workdir: Path, *, create: bool):
 @contextmanager
 def _store_errors() -> Iterator[None]:
     """Refused input (StoreError) -> its message on stderr and exit 2; a file that stayed
-    locked by another process (StoreBusyError) -> exit 1: the input was fine."""
+    locked by another process (StoreBusyError) -> exit 1: the input was fine. An MLLM judge
+    that cannot work as configured (no server URL, key refused, no model) -> exit 2."""
+    from evaluators.mllm_backends import BackendConfigError  # stdlib imports only
     from harness.store import StoreBusyError, StoreError
 
     try:
@@ -541,7 +543,7 @@ def _store_errors() -> Iterator[None]:
     except StoreBusyError as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(1) from None
-    except StoreError as err:
+    except (StoreError, BackendConfigError) as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(EXIT_INVALID) from None
 

@@ -550,3 +550,17 @@ def test_local_vlm_random_weights_are_unparseable_and_cached(images, tmp_path, m
     monkeypatch.setattr(judge.backend, "ask", lambda *a, **k: calls.set())
     again = judge.judge_pairs([pair(images, "red", "blue")])[0]
     assert not calls.is_set() and again.detail["answers"][0]["cached"]
+
+
+def test_cli_judge_without_server_config_exits_2_with_the_fix(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from harness.cli import app
+
+    for name in ("HARNESS_JUDGE_BASE_URL", "HARNESS_JUDGE_MODEL", "HARNESS_JUDGE_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    Store(tmp_path / "harness.duckdb")
+    result = CliRunner().invoke(app, ["judge", "--judge", "openai", "--workdir", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert "set HARNESS_JUDGE_BASE_URL" in result.output
+    assert "Traceback" not in result.output
