@@ -81,6 +81,12 @@ def run(items: list[PairItem], concurrency: int, latency: float, workdir: Path) 
     }
 
 
+def _efficiency(r: dict) -> str:
+    if r["ideal_per_s"] == float("inf"):  # --latency 0: no ideal, the figure is pure overhead
+        return "-"
+    return f"{r['per_s'] / r['ideal_per_s']:.0%}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--latency", type=float, default=0.2, help="simulated seconds/request")
@@ -109,7 +115,7 @@ def main() -> None:
     for r in results:
         print(
             f"| {r['concurrency']} | {r['judgments']} | {r['seconds']:.2f} | {r['per_s']:.1f} "
-            f"| {r['ideal_per_s']:.1f} | {r['per_s'] / r['ideal_per_s']:.0%} "
+            f"| {r['ideal_per_s']:.1f} | {_efficiency(r)} "
             f"| {r['max_in_flight']} | {r['cached_per_s']:.0f} |"
         )
 

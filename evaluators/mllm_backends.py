@@ -404,9 +404,11 @@ class LocalVLMBackend:
         *,
         model_name: str | None = None,
         device: str = "cpu",
+        dtype: str = "auto",
         max_new_tokens: int = 256,
     ) -> None:
-        """``model_name`` names the model in the store (default: the directory's name)."""
+        """``model_name`` names the model in the store (default: the directory's name);
+        ``dtype``: ``auto`` (the checkpoint's, e.g. bfloat16), ``float32``, ``bfloat16``, ..."""
         self.path = Path(path).expanduser()
         if not (self.path / "config.json").is_file():
             raise BackendConfigError(
@@ -420,7 +422,7 @@ class LocalVLMBackend:
         try:
             self.processor = AutoProcessor.from_pretrained(self.path, local_files_only=True)
             self.vlm = AutoModelForImageTextToText.from_pretrained(
-                self.path, local_files_only=True
+                self.path, local_files_only=True, dtype=dtype
             ).to(device)
         except (OSError, ValueError, KeyError) as err:
             raise BackendConfigError(

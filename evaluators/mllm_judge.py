@@ -554,7 +554,7 @@ _OPENAI_OPTIONS = {
     "concurrency", "timeout_s", "max_attempts", "backoff_s", "backoff_cap_s", "response_format",
     "max_tokens", "temperature", "seed", "env",
 }  # fmt: skip
-_LOCAL_OPTIONS = {"model_name", "device", "max_new_tokens"}
+_LOCAL_OPTIONS = {"model_name", "device", "dtype", "max_new_tokens"}
 _JUDGE_OPTIONS = {"rubric_version", "flush_every"}
 JUDGES = {
     "openai": "an OpenAI-compatible server from HARNESS_JUDGE_BASE_URL / _MODEL / _API_KEY",
@@ -568,7 +568,8 @@ def build_judge(name: str, store: Store, **options: Any) -> MLLMJudge:
     ``openai`` also ``concurrency``, ``timeout_s``, ``max_attempts``, ``backoff_s``,
     ``backoff_cap_s``, ``response_format``, ``max_tokens``, ``temperature``, ``seed``, ``env``
     (a mapping used instead of os.environ); for ``local:`` ``model_name``, ``device``,
-    ``max_new_tokens``. An unknown name or option is an error that lists what is allowed."""
+    ``dtype``, ``max_new_tokens``. An unknown name or option is an error that lists what is
+    allowed."""
     kind, _, arg = name.partition(":")
     if kind == "openai" and not arg:
         backend_options = _split_options(name, options, _OPENAI_OPTIONS)
