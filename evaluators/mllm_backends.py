@@ -606,6 +606,9 @@ class LoopbackChatServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, as real servers and httpx pools use
+            # Headers and body go out in two writes; with Nagle's algorithm on, the second
+            # waits for the client's delayed ACK (~40 ms on Linux): measured, not the judge's.
+            disable_nagle_algorithm = True
 
             def do_POST(self) -> None:
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
