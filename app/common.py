@@ -95,6 +95,25 @@ def sample_png(db: str, run_id: str, path: str) -> bytes:
     return data.sample_image(_store(db), run_id, path)
 
 
+def crisp(png: bytes, px: int) -> bytes:
+    """``png`` enlarged by an integer factor with nearest-neighbour sampling when it is smaller
+    than ``px``: the browser would otherwise blur a 32-pixel sample into mush when it stretches
+    it, and a rater must see the pixels the model made. Larger images are returned as they are.
+    """
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as im:
+        factor = px // max(im.size)
+        if factor < 2:
+            return png
+        big = im.resize((im.width * factor, im.height * factor), Image.Resampling.NEAREST)
+        out = io.BytesIO()
+        big.save(out, format="PNG")
+    return out.getvalue()
+
+
 def clear_after_vote() -> None:
     """A vote changes the leaderboard and the reliability table: drop their cached copies."""
     leaderboard.clear()
@@ -108,7 +127,7 @@ def show_images(images: list[bytes], captions: list[str], per_row: int = 6) -> N
         for col, img, cap in zip(
             cols, images[start : start + per_row], captions[start : start + per_row], strict=False
         ):
-            col.image(img, caption=cap, width=THUMB_PX)
+            col.image(crisp(img, THUMB_PX), caption=cap, width=THUMB_PX)
 
 
 def fmt(value: Any, digits: int = 4) -> str:

@@ -9,6 +9,7 @@ only builds the navigation. A personal rating link (``/rate?token=...``, printed
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 
 import streamlit as st
@@ -21,7 +22,29 @@ if str(_ROOT) not in sys.path:
 VIEWS = Path(__file__).resolve().parent / "views"
 
 
+def _import_heavy() -> None:
+    import importlib
+
+    for name in (
+        "evaluators.ratings",
+        "plotly.graph_objects",
+        "optuna.visualization",
+        "harness.report_html",
+    ):
+        importlib.import_module(name)
+
+
+@st.cache_resource(show_spinner=False)
+def _warm_up() -> bool:
+    """Import the rating engine, plotly and Optuna's plots in the background once per server
+    process (several seconds on a small CPU), so that the first visitor of each page does not
+    wait for them. Imports are thread-safe: a page that needs a module first simply waits."""
+    threading.Thread(target=_import_heavy, name="warm-up", daemon=True).start()
+    return True
+
+
 def main() -> None:
+    _warm_up()
     st.set_page_config(
         page_title="Diffusion arena", page_icon=":material/leaderboard:", layout="wide"
     )

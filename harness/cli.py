@@ -365,8 +365,12 @@ def arena_agreement(
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON rows")] = False,
 ) -> None:
-    """Each judge against the human votes on the same prompt, seed and pair, and its
-    consistency when the sides are swapped. Tie and both_bad both count as "no preference".
+    """How far each judge agrees with the human votes, and with itself when sides swap.
+
+    Compared on the same prompt, seed and contestant pair; tie and both_bad both count as
+    "no preference". Example:
+
+        uv run harness arena agreement --workdir work --json
     """
     import json
 

@@ -33,8 +33,10 @@ from app.voting import (
 from harness.raters import Rater, authenticate
 from harness.store import StoreError
 
+# Votes per session the progress bar counts towards (a person tires after a few dozen). No
+# attribute docstrings in page scripts: Streamlit's "magic" would print them on the page.
 SESSION_GOAL = 20
-"""Votes per session the progress bar counts towards (a person tires after a few dozen)."""
+IMAGE_PX = 384  # both images and the buttons fit on a laptop screen
 BATCH = 5
 BUTTONS = (
     ("left", "A is better", "A"),
@@ -115,7 +117,7 @@ def _undo(rater_id: str) -> None:
     ss["rate_voted"].discard(pair.nonce)
     if ss["rate_pair"] is not None:  # the pair on screen goes back to the front of the queue
         shown = asdict(ss["rate_pair"])
-        shown.pop("nonce"), shown.pop("issued_at")
+        del shown["nonce"], shown["issued_at"]
         ss["rate_queue"].insert(0, PlannedPair(**shown))
     ss["rate_pair"] = pair  # same nonce and issue time: a new vote gets the same id
     common.clear_after_vote()
@@ -128,11 +130,8 @@ def pair_ui(pair: IssuedPair, rater: Rater) -> None:
     st.caption("Which image shows the prompt better? Judge prompt following first, then quality.")
     left, right = st.columns(2)
     for col, name, cid in ((left, "A", pair.left_id), (right, "B", pair.right_id)):
-        col.image(
-            common.render_png(db, cid, pair.prompt_id, pair.seed),
-            caption=name,
-            width="stretch",
-        )
+        png = common.render_png(db, cid, pair.prompt_id, pair.seed)
+        col.image(common.crisp(png, IMAGE_PX), caption=name, width=IMAGE_PX)
     cols = st.columns(len(BUTTONS) + 1)
     for col, (outcome, label, key) in zip(cols, BUTTONS, strict=False):
         col.button(

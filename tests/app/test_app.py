@@ -1,0 +1,189 @@
+"""Every page of the app through Streamlit's AppTest on the fixture arena: what it shows, and
+that votes cast on the rating page land in the store exactly once, can be undone, need a valid
+token, and move the leaderboard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+MAIN = Path(__file__).resolve().parents[2] / "app" / "main.py"
+
+
+def _app(page: str | None = None, token: str | None = None) -> AppTest:
+    at = AppTest.from_file(str(MAIN), default_timeout=60)
+    if token is not None:
+        at.query_params["token"] = token
+    at.run()
+    if page is not None:
+        at.switch_page(page)
+        at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def _human_votes(arena) -> list[dict]:
+    return arena.store.query(
+        "SELECT * FROM comparisons WHERE rater_kind = 'human' ORDER BY time, comparison_id"
+    )
+
+
+def _table(at: AppTest, index: int = 0) -> list[dict]:
+    return at.dataframe[index].value.to_dict("records")
+
+
+def test_leaderboard_shows_ratings_matrix_provenance_and_reliability(arena) -> None:
+    at = _app()
+    rows = _table(at)
+    assert [r["contestant"] for r in rows] == ["c-good", "c-mid", "c-bad"]
+    # Win rate by hand from the fixture's 5 domain votes (ties count half): c-good won 3 and
+    # tied 1 of 4; c-mid won 1, lost 1 and tied 1 of 3; c-bad lost all 3.
+    assert [r["win rate"] for r in rows] == pytest.approx([3.5 / 4, 1.5 / 3, 0.0])
+    assert [r["votes"] for r in rows] == [4, 3, 3]
+    assert len(at.get("plotly_chart")) == 1  # the win-rate matrix
+    assert any(h.value == "c-good (C-GOOD)" for h in at.subheader)  # the top row's details
+    provenance = {r[""]: r["value"] for r in at.table[0].value.to_dict("records")}
+    assert provenance["run"] == "toy/0" and provenance["config hash"] == "hash0"
+    assert provenance["sampler"] == "euler" and provenance["steps"] == "8"
+    assert len(at.image) == 4  # c-good's renders
+    raters = _table(at, 1)
+    assert raters[0]["rater"] == "ana-lima" and raters[0]["gold pairs"] == 0
+
+
+def test_leaderboard_filters(arena) -> None:
+    at = _app()
+    at.selectbox(key="lb_cat").set_value("heldout").run()
+    # Votes 2 and 3 (k % 4 in {2, 3}) are on held-out prompts: c-bad vs c-good, c-good vs c-bad.
+    assert sorted(r["contestant"] for r in _table(at)) == ["c-bad", "c-good"]
+    at.selectbox(key="lb_cat").set_value("all").run()
+    at.selectbox(key="lb_kind").set_value("human").run()
+    assert any("No votes match" in i.value for i in at.info)
+
+
+def test_rating_page_without_a_valid_token_cannot_vote(arena) -> None:
+    for token in (None, "not-a-token", arena.token[:-1] + "x"):
+        at = _app("views/rate.py", token=token)
+        assert at.error and "harness raters add" in at.error[0].value
+        assert not [b for b in at.button if (b.key or "").startswith("vote_")]
+    assert _human_votes(arena) == []
+
+
+def test_a_vote_is_stored_and_moves_the_leaderboard(arena, monkeypatch) -> None:
+    monkeypatch.setattr("app.voting.GOLD_RATE", 0.0)
+    at = _app("views/rate.py", token=arena.token)
+    pair = at.session_state["rate_pair"]
+    assert [b.label for b in at.button] == ["A is better", "B is better", "Tie", "Both bad", "Undo"]
+    assert len(at.image) == 2
+    at.button(key="vote_right").click().run()
+    votes = _human_votes(arena)
+    assert len(votes) == 1
+    v = votes[0]
+    assert (v["left_id"], v["right_id"], v["outcome"]) == (pair.left_id, pair.right_id, "right")
+    assert (v["rater_id"], v["seed"], v["time"]) == (arena.rater_id, pair.seed, pair.issued_at)
+    assert v["session"] == at.session_state["rate_session"]
+    assert at.session_state["rate_pair"].nonce != pair.nonce  # the next pair is on screen
+    assert "1 of 20 votes" in at.get("progress")[0].proto.text
+
+    at.switch_page("views/leaderboard.py")
+    at.run()
+    at.selectbox(key="lb_kind").set_value("human").run()
+    rows = {r["contestant"]: r for r in _table(at)}
+    assert set(rows) == {pair.left_id, pair.right_id}
+    assert rows[pair.right_id]["rank"] == 1 and rows[pair.right_id]["win rate"] == 1.0
+
+
+def test_undo_removes_the_vote_and_shows_the_pair_again(arena, monkeypatch) -> None:
+    monkeypatch.setattr("app.voting.GOLD_RATE", 0.0)
+    at = _app("views/rate.py", token=arena.token)
+    first = at.session_state["rate_pair"]
+    at.button(key="vote_left").click().run()
+    assert len(_human_votes(arena)) == 1
+    at.button(key="vote_undo").click().run()
+    assert _human_votes(arena) == []
+    assert at.session_state["rate_pair"] == first  # same nonce and time: a revote is this vote
+    at.button(key="vote_tie").click().run()
+    votes = _human_votes(arena)
+    assert [(v["outcome"], v["time"]) for v in votes] == [("tie", first.issued_at)]
+
+
+def test_a_resubmitted_vote_is_stored_once(arena, monkeypatch) -> None:
+    monkeypatch.setattr("app.voting.GOLD_RATE", 0.0)
+    at = _app("views/rate.py", token=arena.token)
+    pair = at.session_state["rate_pair"]
+    at.button(key="vote_left").click().run()
+    # The rerun that moved on to the next pair is lost (a double click interrupts it, the
+    # browser resends): the same pair is on screen again and is voted again.
+    at.session_state["rate_pair"] = pair
+    at.session_state["rate_voted"] = set()
+    at.run()
+    at.button(key="vote_left").click().run()
+    assert len(_human_votes(arena)) == 1
+    # A different answer to the same issued pair is refused, not stored as a second vote.
+    at.session_state["rate_pair"] = pair
+    at.session_state["rate_voted"] = set()
+    at.run()
+    at.button(key="vote_right").click().run()
+    assert [v["outcome"] for v in _human_votes(arena)] == ["left"]
+    assert any("not recorded" in w.value for w in at.warning)
+
+
+def test_gold_pairs_measure_reliability_and_stay_off_the_leaderboard(arena, monkeypatch) -> None:
+    monkeypatch.setattr("app.voting.GOLD_RATE", 1.0)
+    at = _app("views/rate.py", token=arena.token)
+    pair = at.session_state["rate_pair"]
+    assert "gold:noise" in (pair.left_id, pair.right_id) and pair.gold_expected is not None
+    at.button(key=f"vote_{pair.gold_expected}").click().run()
+    wrong = at.session_state["rate_pair"]
+    at.button(key="vote_tie").click().run()  # a tie against pure noise fails the check
+    assert wrong.gold_expected is not None
+    votes = _human_votes(arena)
+    assert len(votes) == 2
+    at.switch_page("views/leaderboard.py")
+    at.run()
+    raters = _table(at, 1)
+    assert (raters[0]["gold pairs"], raters[0]["gold right"]) == (2, 1)
+    assert raters[0]["reliability"] == 0.5 and raters[0]["votes"] == 0
+    at.selectbox(key="lb_kind").set_value("human").run()
+    assert any("No votes match" in i.value for i in at.info)  # gold votes never rate anyone
+
+
+def test_study_page_shows_trials_ablation_and_plots(arena) -> None:
+    at = _app("views/studies.py")
+    trials = _table(at)
+    assert [(t["trial"], t["state"]) for t in trials] == [
+        (0, "complete"),
+        (1, "complete"),
+        (2, "failed"),
+    ]
+    assert trials[2]["error"] == "loss is NaN at step 30"
+    md = "\n".join(m.value for m in at.markdown)
+    assert "# Study toy" in md and "## timesteps.sampler" in md  # harness.report's tables
+    titles = [h.value for h in at.subheader]
+    assert "Objective history" in titles and "Parallel coordinates (domain_fid)" in titles
+    assert "domain_fid against step" in titles and "train/loss against step" in titles
+
+
+def test_run_page_shows_status_config_curves_and_samples(arena) -> None:
+    at = _app("views/runs.py")
+    at.selectbox(key="run_pick").set_value("toy/2").run()
+    assert at.error[0].value == "Failed: loss is NaN at step 30"
+    assert "FloatingPointError" in at.code[0].value
+    assert at.json[0].value and '"sampler": "mode"' in at.json[0].value
+    assert [c.proto.spec for c in at.get("plotly_chart")]  # the loss curve
+    # Two sample sets across training (a slider picks one) and the final set, 2 images each.
+    assert [h.value for h in at.subheader] == ["Samples across training", "Final samples"]
+    assert len(at.image) == 4
+    at.select_slider(key="run_tag").set_value("step_000020").run()
+    assert len(at.image) == 4
+
+
+def test_run_page_opens_the_run_named_in_the_url(arena) -> None:
+    at = AppTest.from_file(str(MAIN), default_timeout=60)
+    at.run()
+    at.query_params["run"] = "toy/1"
+    at.switch_page("views/runs.py")
+    at.run()
+    assert at.selectbox(key="run_pick").value == "toy/1"
+    assert not at.error

@@ -1,0 +1,157 @@
+"""The app in a real browser: `harness app` started as a process, Chromium driven by Playwright,
+votes cast with the keyboard, a screenshot of every page saved as a test artifact
+(``$HARNESS_ARTIFACTS`` or ``tests/artifacts/``).
+
+Needs the system Chromium (``apt-get install chromium``; ``.ci/run`` installs it); Playwright's
+own browser download is not used. Skipped, saying so, where no Chromium is installed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from arena_fixture import build
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = Path(os.environ.get("HARNESS_ARTIFACTS") or ROOT / "tests" / "artifacts") / "app"
+# Streamlit's pages scroll inside their own container, so a "full page" screenshot is the
+# viewport: a tall one shows each page whole.
+# Offline, no first-run or update traffic (FIELD-NOTES.md, Streamlit section).
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        CHROMIUM is None,
+        reason="no Chromium on PATH: install it (Debian: apt-get install chromium; .ci/run does)",
+    ),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[str, object]]:
+    """The fixture arena served by `harness app` on a free port: (base URL, arena)."""
+    arena = build(tmp_path / "work")
+    port = _free_port()
+    log = open(tmp_path / "app.log", "wb")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness.cli", "app", "--workdir", str(arena.workdir),
+         "--port", str(port), "--address", "127.0.0.1"],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/_stcore/health", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(
+                    f"the app did not start:\n{(tmp_path / 'app.log').read_text()}"
+                )
+            time.sleep(0.2)
+        yield base, arena
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the CLI and its streamlit child
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def _human_votes(arena) -> int:
+    rows = arena.store.query(
+        "SELECT count(*) AS n FROM comparisons WHERE rater_id = ?", [arena.rater_id]
+    )
+    return rows[0]["n"]
+
+
+def _wait_votes(arena, n: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while _human_votes(arena) != n:
+        assert time.monotonic() < deadline, f"expected {n} stored votes, got {_human_votes(arena)}"
+        time.sleep(0.1)
+
+
+def test_pages_render_and_keyboard_votes_are_stored(served) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    base, arena = served
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1500})
+        page.set_default_timeout(30_000)  # generous: CI machines are shared
+
+        page.goto(base)  # the default page, at /
+        expect(page.get_by_role("heading", name="Arena leaderboard")).to_be_visible()
+        expect(page.get_by_text("3 contestants, 5 votes")).to_be_visible()
+        expect(page.get_by_role("heading", name="c-good (C-GOOD)")).to_be_visible()
+        page.wait_for_timeout(500)  # let the heatmap draw
+        page.screenshot(path=ARTIFACTS / "leaderboard.png", full_page=True)
+
+        page.goto(f"{base}/rate")  # no token: no buttons
+        expect(page.get_by_text("Rating needs a personal link")).to_be_visible()
+        assert page.get_by_role("button", name="A is better").count() == 0
+
+        page.goto(f"{base}/rate?token={arena.token}")
+        expect(page.get_by_role("button", name="A is better")).to_be_visible()
+        page.screenshot(path=ARTIFACTS / "rate.png", full_page=True)
+        for n, key in enumerate("abtx", start=1):
+            page.keyboard.press(key)
+            expect(page.get_by_text(f"{n} of 20 votes this session")).to_be_visible()
+            _wait_votes(arena, n)
+        page.keyboard.press("u")  # undo the last vote
+        expect(page.get_by_text("3 of 20 votes this session")).to_be_visible()
+        _wait_votes(arena, 3)
+        page.screenshot(path=ARTIFACTS / "rate-after-votes.png", full_page=True)
+        outcomes = sorted(
+            r["outcome"]
+            for r in arena.store.query(
+                "SELECT outcome FROM comparisons WHERE rater_id = ?", [arena.rater_id]
+            )
+        )
+        assert outcomes == ["left", "right", "tie"]
+
+        page.goto(f"{base}/studies")
+        expect(page.get_by_role("heading", name="Studies")).to_be_visible()
+        expect(page.get_by_text("3 trials: 2 complete")).to_be_visible()
+        page.get_by_role("tab", name="Ablation").click()
+        expect(page.get_by_role("heading", name="Study toy")).to_be_visible()
+        page.screenshot(path=ARTIFACTS / "study-ablation.png", full_page=True)
+        page.get_by_role("tab", name="Plots").click()
+        expect(page.get_by_role("heading", name="Objective history")).to_be_visible()
+        page.wait_for_timeout(500)
+        page.screenshot(path=ARTIFACTS / "study-plots.png", full_page=True)
+
+        page.goto(f"{base}/runs?run=toy/2")
+        expect(page.get_by_text("Failed: loss is NaN at step 30")).to_be_visible()
+        expect(page.get_by_role("heading", name="Final samples")).to_be_visible()
+        page.wait_for_timeout(500)
+        page.screenshot(path=ARTIFACTS / "run.png", full_page=True)
+        browser.close()
