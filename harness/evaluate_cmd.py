@@ -678,7 +678,8 @@ def run(target: str, workdir: Path, metrics: str = DEFAULT_METRICS, **options: A
     from harness.store import StoreBusyError, StoreError
     from trainers.errors import DataError, WeightsError
 
-    out, err = Console(), Console(stderr=True)
+    # soft_wrap: messages are not broken at the terminal width (paths stay greppable).
+    out, err = Console(), Console(stderr=True, soft_wrap=True)
     try:
         opts = EvalOptions(metrics=parse_metrics(metrics), **options)
         store = Store(workdir / "harness.duckdb")
@@ -691,5 +692,10 @@ def run(target: str, workdir: Path, metrics: str = DEFAULT_METRICS, **options: A
         err.print(f"harness eval: {e}", markup=False, highlight=False)
         return 2
     print_scores(scores, out)
-    out.print(f"{len(scores)} scores stored in {store.path}", markup=False, highlight=False)
+    out.print(
+        f"{len(scores)} scores stored in {store.path}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
     return 0
