@@ -429,6 +429,7 @@ class MLLMJudge:
         finally:
             # On success, on a configuration error and on Ctrl-C alike: stop asking, keep
             # every answer already paid for.
+            stop.set()
             pool.shutdown(wait=True, cancel_futures=True)
             for future in futures:
                 if future.done() and not future.cancelled() and future.exception() is None:

@@ -22,7 +22,9 @@ from PIL import Image
 from evaluators.judging import PairItem, PairJudge
 from evaluators.mllm_backends import (
     BackendConfigError,
+    ImageInput,
     LoopbackChatServer,
+    OpenAIBackend,
     RecordedRequest,
     Reply,
 )
@@ -236,6 +238,26 @@ def test_retries_are_bounded_and_a_failure_is_recorded_then_retried(images, stor
         assert len(server.requests) == 2
     assert verdict.outcome == "tie"
     assert all(r["parsed"] for r in list_judgments(store))
+
+
+def test_backoff_is_exponential_with_jitter_and_honours_retry_after(images):
+    script = [Reply(status=500, error="x")] * 4 + [
+        Reply(status=429, error="later", headers={"Retry-After": "7"}),
+        Reply('{"prompt_adherence": 1, "visual_quality": 1, "reasons": ""}'),
+    ]
+    sleeps: list[float] = []
+    with LoopbackChatServer(lambda r, n: script[n]) as server:
+        backend = OpenAIBackend(
+            base_url=server.url, model="m", api_key=KEY, max_attempts=6, backoff_s=1.0,
+            backoff_cap_s=3.0, sleep=sleeps.append,
+        )  # fmt: skip
+        answer = backend.ask(["rate", ImageInput.load(images["red"])], {})
+    assert answer.attempts == 6 and len(sleeps) == 5
+    caps = [1.0, 2.0, 3.0, 3.0]  # 1 s doubling, capped at 3 s
+    assert all(0 <= s <= c for s, c in zip(sleeps[:4], caps, strict=True))
+    assert len(set(sleeps[:4])) == 4  # jittered, not a fixed schedule
+    assert sleeps[4] == 7.0  # the server's Retry-After beats our shorter pause
+    assert KEY not in repr(backend) and KEY not in repr(vars(backend))
 
 
 def test_slow_answer_times_out_and_is_retried(images, store):
