@@ -671,8 +671,9 @@ def judge_agreement(store: Store) -> list[dict[str, Any]]:
     * ``decisive_agreement``: the same over the couples where both picked a winner, i.e. "when
       both prefer one image, is it the same one?".
     * ``swap_consistency``: over the items this judge judged in both left/right orders, every
-      (one order, other order) couple of its verdicts, the fraction with the same label; plus
-      verdicts whose detail reports ``swap_consistent`` (a judge that asked both orders itself).
+      (one order, other order) couple of its stored verdicts, the fraction with the same label;
+      plus each verdict that asked both orders itself and says whether its two answers agreed
+      (the MLLM judge's ``answers`` + ``agree``, or ``swap_consistent``).
 
     Gold votes (attention checks, ``extra.gold``) are left out, as in the leaderboard.
     """
@@ -697,10 +698,22 @@ def judge_agreement(store: Store) -> list[dict[str, Any]]:
             {"kind": r["rater_kind"], "items": defaultdict(list), "detail_swaps": []},
         )
         j["items"][key].append((r["left_id"] == pair[0], label))
-        verdict = (r["extra"] or {}).get("verdict") or {}
-        if isinstance(verdict.get("swap_consistent"), bool):
-            j["detail_swaps"].append(verdict["swap_consistent"])
+        swapped = _detail_swap(r["extra"])
+        if swapped is not None:
+            j["detail_swaps"].append(swapped)
     return [_agreement_row(rater, j, human) for rater, j in sorted(judges.items())]
+
+
+def _detail_swap(extra: dict[str, Any] | None) -> bool | None:
+    """Whether a verdict that asked both orders itself got the same outcome in both: the MLLM
+    judge's detail has ``answers`` (one per order) and ``agree``; other judges may report
+    ``swap_consistent``. None when the verdict says nothing about it."""
+    verdict = (extra or {}).get("verdict") or {}
+    if isinstance(verdict.get("swap_consistent"), bool):
+        return verdict["swap_consistent"]
+    if len(verdict.get("answers") or ()) == 2 and isinstance(verdict.get("agree"), bool):
+        return verdict["agree"]
+    return None
 
 
 def _rate(hits: int, n: int) -> float | None:

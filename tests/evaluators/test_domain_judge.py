@@ -229,7 +229,7 @@ def test_real_images_beat_wrong_and_degraded_ones(real_judge: DomainJudge, tmp_p
         )
         px = render(other, 32, np.random.default_rng(i))
         wrong = save(
-            tmp_path / f"wrong{i}.png", to_model_range(torch.from_numpy(px).permute(2, 0, 1))
+            tmp_path / f"wrong{i}.png", to_model_range(torch.from_numpy(px.copy()).permute(2, 0, 1))
         )
         noisy = save(
             tmp_path / f"noisy{i}.png",

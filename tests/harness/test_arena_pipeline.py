@@ -1,10 +1,11 @@
 """The arena pipeline offline: contestants, paired rendering, judging rounds, agreement, CLI.
 
 Two tiny runs are trained once for the module by the real trainer, in this process (two
-optimizer steps each, 16 px, micro backbone), and registered in the store like a study's runs;
-every test that needs runs registers them in its own store file. The attribute network used by
-the trainer's final evaluation and by the domain judge is a tiny recipe (trains in about a
-second): these tests check the pipeline's mechanics, not the judge's accuracy (that is
+optimizer steps each, 16 px, micro backbone), and registered in the store like a study's
+runs; every test that needs runs registers them in its own store file. The trainer's final
+domain evaluation is skipped (it is most of a two-step run's time and nothing here reads it).
+The domain judge in the CLI test uses a tiny attribute-net recipe (trains in about a second):
+these tests check the pipeline's mechanics, not the judge's accuracy (that is
 tests/evaluators/test_domain_judge.py).
 """
 
@@ -377,6 +378,17 @@ def test_agreement_against_hand_counts():
             # item q/0: the judge says B, the human A (a decisive disagreement).
             vote("A", "B", "right", "J", "judge", 9, prompt="q"),
             vote("A", "B", "left", "ann", "human", 10, prompt="q"),
+            # an MLLM-style verdict that asked both orders and got different answers (a tie)
+            vote(
+                "A",
+                "B",
+                "tie",
+                "J",
+                "judge",
+                12,
+                prompt="r",
+                verdict={"answers": [{"outcome": "left"}, {"outcome": "right"}], "agree": False},
+            ),
             # a gold vote is not a human opinion to agree with
             vote("A", "B", "right", "ann", "human", 11, prompt="q", gold=True),
         ]
@@ -387,9 +399,9 @@ def test_agreement_against_hand_counts():
     assert (row["human_pairs"], row["agree"]) == (9, 5)
     # Decisive couples: p/0 4 (all agree), p/1 none, q/0 1 (disagree).
     assert (row["decisive_pairs"], row["decisive_agree"]) == (5, 4)
-    # Both orders: p/0 consistent, p/1 not.
-    assert (row["swap_pairs"], row["swap_consistent"]) == (2, 1)
-    assert row["agreement"] == pytest.approx(5 / 9) and row["judged_items"] == 3
+    # Both orders stored: p/0 consistent, p/1 not; r/0 reports its own disagreeing orders.
+    assert (row["swap_pairs"], row["swap_consistent"]) == (3, 1)
+    assert row["agreement"] == pytest.approx(5 / 9) and row["judged_items"] == 4
 
 
 def test_underpowered_pairs_flag_the_weak_neighbours():
