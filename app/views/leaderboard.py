@@ -123,7 +123,7 @@ def contestant_ui(db: str, cid: str) -> None:
         "shift": common.fmt(info["shift"]),
         "renders": str(len(info["renders"])),
     }
-    st.table([{"": k, "value": v} for k, v in prov.items()], hide_index=True)
+    st.table([{"provenance": k, "value": v} for k, v in prov.items()], hide_index=True)
     if info["run_id"]:
         st.page_link(
             "views/runs.py",

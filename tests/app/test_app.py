@@ -44,7 +44,7 @@ def test_leaderboard_shows_ratings_matrix_provenance_and_reliability(arena) -> N
     assert [r["votes"] for r in rows] == [4, 3, 3]
     assert len(at.get("plotly_chart")) == 1  # the win-rate matrix
     assert any(h.value == "c-good (C-GOOD)" for h in at.subheader)  # the top row's details
-    provenance = {r[""]: r["value"] for r in at.table[0].value.to_dict("records")}
+    provenance = {r["provenance"]: r["value"] for r in at.table[0].value.to_dict("records")}
     assert provenance["run"] == "toy/0" and provenance["config hash"] == "hash0"
     assert provenance["sampler"] == "euler" and provenance["steps"] == "8"
     assert len(at.image) == 4  # c-good's renders

@@ -84,6 +84,17 @@ def served(tmp_path: Path) -> Iterator[tuple[str, object]]:
         log.close()
 
 
+def _settle(page, images: int = 0) -> None:
+    """Wait until the script run is over and at least ``images`` images have loaded."""
+    page.wait_for_function(
+        """n => !document.querySelector('[data-testid="stStatusWidget"]')
+               && [...document.querySelectorAll('[data-testid="stImage"] img')]
+                      .filter(i => i.complete && i.naturalWidth > 0).length >= n""",
+        arg=images,
+    )
+    page.wait_for_timeout(300)  # plotly's first paint
+
+
 def _human_votes(arena) -> int:
     rows = arena.store.query(
         "SELECT count(*) AS n FROM comparisons WHERE rater_id = ?", [arena.rater_id]
@@ -107,12 +118,13 @@ def test_pages_render_and_keyboard_votes_are_stored(served) -> None:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 1500})
         page.set_default_timeout(30_000)  # generous: CI machines are shared
+        expect.set_options(timeout=30_000)
 
         page.goto(base)  # the default page, at /
         expect(page.get_by_role("heading", name="Arena leaderboard")).to_be_visible()
         expect(page.get_by_text("3 contestants, 5 votes")).to_be_visible()
         expect(page.get_by_role("heading", name="c-good (C-GOOD)")).to_be_visible()
-        page.wait_for_timeout(500)  # let the heatmap draw
+        _settle(page, images=4)
         page.screenshot(path=ARTIFACTS / "leaderboard.png", full_page=True)
 
         page.goto(f"{base}/rate")  # no token: no buttons
@@ -121,6 +133,7 @@ def test_pages_render_and_keyboard_votes_are_stored(served) -> None:
 
         page.goto(f"{base}/rate?token={arena.token}")
         expect(page.get_by_role("button", name="A is better")).to_be_visible()
+        _settle(page, images=2)
         page.screenshot(path=ARTIFACTS / "rate.png", full_page=True)
         for n, key in enumerate("abtx", start=1):
             page.keyboard.press(key)
@@ -129,6 +142,7 @@ def test_pages_render_and_keyboard_votes_are_stored(served) -> None:
         page.keyboard.press("u")  # undo the last vote
         expect(page.get_by_text("3 of 20 votes this session")).to_be_visible()
         _wait_votes(arena, 3)
+        _settle(page, images=2)
         page.screenshot(path=ARTIFACTS / "rate-after-votes.png", full_page=True)
         outcomes = sorted(
             r["outcome"]
@@ -146,12 +160,12 @@ def test_pages_render_and_keyboard_votes_are_stored(served) -> None:
         page.screenshot(path=ARTIFACTS / "study-ablation.png", full_page=True)
         page.get_by_role("tab", name="Plots").click()
         expect(page.get_by_role("heading", name="Objective history")).to_be_visible()
-        page.wait_for_timeout(500)
+        _settle(page)
         page.screenshot(path=ARTIFACTS / "study-plots.png", full_page=True)
 
         page.goto(f"{base}/runs?run=toy/2")
         expect(page.get_by_text("Failed: loss is NaN at step 30")).to_be_visible()
         expect(page.get_by_role("heading", name="Final samples")).to_be_visible()
-        page.wait_for_timeout(500)
+        _settle(page, images=4)
         page.screenshot(path=ARTIFACTS / "run.png", full_page=True)
         browser.close()
