@@ -477,7 +477,7 @@ class JudgeSummary:
     no_verdict: int = 0  # verdicts with outcome None (not stored)
     no_verdict_reasons: dict[str, int] = field(default_factory=dict)
     outcomes: dict[str, int] = field(default_factory=dict)
-    pairs_without_items: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (a, b, why)
     interrupted: bool = False
 
 
@@ -500,14 +500,15 @@ def _empty_counts(names: Sequence[str]) -> Any:
 
 def plan_pairs(
     store: Store, rater_id: str, pairs: int, *, seed: int | None = None
-) -> tuple[list[PairItem], list[tuple[str, str]]]:
-    """The items of one judging round, and the pairs for which no item could be found.
+) -> tuple[list[PairItem], list[tuple[str, str, str]]]:
+    """The items of one judging round, and the sampled pairs left out: ``(a, b, why)``.
 
     Contestant pairs come from :func:`evaluators.ratings.next_pairs` over this rater's
     comparisons so far (``seed`` defaults to their number, so every round differs and a rerun
     of the same state gives the same plan). For each pair, an item both rendered: one this
     rater never judged for the pair if any, else one judged only in the other order (shown in
-    that other order), else any; never the same item twice in a round. Sides are random.
+    that other order), else any; never the same item twice in a round (a pair sampled more
+    often than it has items is left out the extra times). Sides are random.
     """
     from evaluators.judging import PairItem
     from evaluators.ratings import aggregate, next_pairs
@@ -540,7 +541,7 @@ def plan_pairs(
     for r in mine:
         key = (r["prompt"], r["seed"], frozenset((r["left_id"], r["right_id"])))
         judged[key].add((r["left_id"], r["right_id"]))
-    items, empty, used = [], [], set()
+    items, skipped, used = [], [], set()
     for a, b in next_pairs(counts, k=pairs, seed=seed):
         common = sorted(set(index[a]) & set(index[b]))
         options = []
@@ -550,7 +551,8 @@ def plan_pairs(
             if key not in used:
                 options.append((len(judged.get(key, ())), k, key))
         if not options:
-            empty.append((a, b))
+            why = "all its items are already in this round" if common else "no prompt/seed "
+            skipped.append((a, b, why + ("" if common else "rendered by both")))
             continue
         fewest = min(n for n, _, _ in options)
         _, k, key = rng.choice([o for o in options if o[0] == fewest])
@@ -571,7 +573,7 @@ def plan_pairs(
                 la["category"],
             )
         )
-    return items, empty
+    return items, skipped
 
 
 def judge_round(
@@ -588,9 +590,9 @@ def judge_round(
     verdicts that have an outcome as comparisons (``rater_id``/``rater_kind`` from the judge,
     the render paths as images, the verdict detail in ``extra.verdict``). Ctrl-C stops after
     the current batch is lost and returns what was stored (``interrupted``)."""
-    items, empty = plan_pairs(store, judge.rater_id, pairs, seed=seed)
+    items, skipped = plan_pairs(store, judge.rater_id, pairs, seed=seed)
     store.add_rater(judge.rater_id, judge.kind, name=getattr(judge, "name", None))
-    summary = JudgeSummary(judge.rater_id, pairs_without_items=empty)
+    summary = JudgeSummary(judge.rater_id, skipped=skipped)
     try:
         with _progress(progress, console, len(items), f"judging ({judge.rater_id})") as advance:
             for i in range(0, len(items), batch_size):

@@ -429,8 +429,8 @@ def judge_cmd(
     )
     for reason, n in summary.no_verdict_reasons.items():
         typer.echo(f"  no verdict x{n}: {reason}")
-    for a, b in summary.pairs_without_items:
-        typer.echo(f"  skipped {a} vs {b}: no prompt/seed rendered by both")
+    for a, b, why in summary.skipped:
+        typer.echo(f"  skipped {a} vs {b}: {why}")
     if summary.interrupted:
         typer.echo("stopped; the verdicts above are stored", err=True)
         raise typer.Exit(130)

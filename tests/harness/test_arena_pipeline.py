@@ -300,6 +300,7 @@ def test_judge_round_stores_verdicts_then_swaps_sides(rendered: Path, tmp_path: 
     a, _ = sorted(c["contestant_id"] for c in store.contestants())
     prompts = {r["prompt"] for r in renders(store)}
     undecidable = sum("square" in p for p in prompts)
+    assert undecidable == 1  # embedded prompt 3 is a square: the fake judge has no verdict
     judge = FavouriteJudge(a)
     first = judge_round(store, judge, 4, batch_size=3, progress=False)
     # Four pairs (only one pair of contestants exists), four different items.
@@ -319,13 +320,17 @@ def test_judge_round_stores_verdicts_then_swaps_sides(rendered: Path, tmp_path: 
     assert len({(v["prompt"], v["seed"]) for v in votes}) == len(votes)
     assert {r["rater_id"]: r["kind"] for r in store.raters()} == {"judge:fake:v1": "judge"}
     # Second round: every item was judged once, so each comes back in the other order.
-    items, empty = plan_pairs(store, judge.rater_id, 4)
-    assert not empty and len(items) == 4
+    items, skipped = plan_pairs(store, judge.rater_id, 4)
+    assert not skipped and len(items) == 4
     shown = {(v["prompt"], v["seed"]): (v["left_id"], v["right_id"]) for v in votes}
     for it in items:
         if (it.prompt, it.seed) in shown:
             assert (it.left_id, it.right_id) == shown[(it.prompt, it.seed)][::-1]
     judge_round(store, judge, 4, progress=False)
+    # Only one pair and 4 items: asking for 6 leaves the pair out twice, saying why.
+    items, skipped = plan_pairs(store, judge.rater_id, 6)
+    assert len(items) == 4 and len(skipped) == 2
+    assert skipped[0][2] == "all its items are already in this round"
     (row,) = judge_agreement(store)
     n = 4 - undecidable
     # Pairs from comparisons in both orders (n) plus the verdicts that report it themselves.
