@@ -568,8 +568,27 @@ def test_local_vlm_random_weights_are_unparseable_and_cached(images, tmp_path, m
     assert len(rows) == 3 and {r["judge"] for r in rows} == {"local"}
     assert all(not r["parsed"] and r["raw"] is not None for r in rows)
 
+    # Only the new tokens are the answer: a model that continues the prompt with a valid JSON
+    # object is parsed (generate is scripted; the prompt, processor and decoding are real).
+    import torch
+
+    backend = judge.backend
+    answer_ids = backend.processor.tokenizer('{"winner": "A", "reason": "first"}')["input_ids"]
+    real_generate = backend.vlm.generate
+
+    def scripted_generate(**inputs):
+        real_generate(**{**inputs, "max_new_tokens": 1})  # the real forward pass still runs
+        return torch.cat([inputs["input_ids"], torch.tensor([answer_ids])], dim=1)
+
+    monkeypatch.setattr(backend.vlm, "generate", scripted_generate)
+    scripted = judge.judge_pairs([pair(images, "green", "grey")])[0]
+    assert scripted.outcome == "tie"  # "A" in both orders: a position preference
+    assert [a["reason"] for a in scripted.detail["answers"]] == ["first", "first"]
+    raws = {r["raw"] for r in load_judgments(store, scripted.detail["judgments"]).values()}
+    assert raws == {'{"winner": "A", "reason": "first"}'}  # the reply alone, not the prompt
+
     calls = threading.Event()
-    monkeypatch.setattr(judge.backend, "ask", lambda *a, **k: calls.set())
+    monkeypatch.setattr(backend, "ask", lambda *a, **k: calls.set())
     again = judge.judge_pairs([pair(images, "red", "blue")])[0]
     assert not calls.is_set() and again.detail["answers"][0]["cached"]
 
