@@ -263,10 +263,10 @@ def test_backoff_is_exponential_with_jitter_and_honours_retry_after(images):
 def test_slow_answer_times_out_and_is_retried(images, store):
     def respond(request: RecordedRequest, n: int) -> Reply:
         good = '{"prompt_adherence": 5, "visual_quality": 5, "reasons": "r"}'
-        return Reply(good, delay_s=1.0 if n == 0 else 0.0)
+        return Reply(good, delay_s=2.0 if n == 0 else 0.0)
 
     with LoopbackChatServer(respond) as server:
-        judge = judge_for(server, store, timeout_s=0.2)
+        judge = judge_for(server, store, timeout_s=0.5)  # generous: CI is loaded
         [score] = judge.absolute_scores([ImageItem("p", images["green"])])
     assert score.parsed and score.prompt_adherence == 5
     assert len(server.requests) == 2
