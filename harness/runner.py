@@ -185,6 +185,13 @@ class StudyRunner:
             directions=list(spec.directions),
             load_if_exists=True,
         )
+        if spec.optuna.enqueue:
+            # Once per study, under the same lock workers claim trials with: a second worker (or a
+            # rerun) finds trials there and enqueues nothing.
+            with claim_lock(self.storage, self.url, spec.name):
+                if not study.get_trials(deepcopy=False):
+                    for params in spec.optuna.enqueue:
+                        study.enqueue_trial(dict(params))
         # The budget (trials) is left out so that asking for more trials is not a different study.
         stored = spec.model_dump(mode="json", exclude={"trials"})
         self.store.create_study(spec.name, stored, spec.directions, spec.metrics)
@@ -196,15 +203,22 @@ class StudyRunner:
     def counts(self, study: optuna.Study) -> dict[str, int]:
         """Trial groups (one per run directory) by the state of their latest trial."""
         latest: dict[int, optuna.trial.FrozenTrial] = {}
+        queued = 0  # trials enqueued by the study file (optuna.enqueue), not started yet
         for t in study.get_trials(deepcopy=False):
+            if t.state == TrialState.WAITING and "run_number" not in t.user_attrs:
+                queued += 1
+                continue
             latest[self._group(t)] = t  # trials come in number order: the last one wins
         out = {s.name.lower(): 0 for s in TrialState}
         for t in latest.values():
             out[t.state.name.lower()] += 1
         out["groups"] = len(latest)
+        out["queued"] = queued
         return out
 
     def _should_start(self, study: optuna.Study, target: int) -> bool:
+        """A re-queued trial (a resumption) always runs; otherwise start one while fewer
+        than ``target`` trials have started (an enqueued one is taken first by ``ask``)."""
         c = self.counts(study)
         return c["waiting"] > 0 or c["groups"] < target
 

@@ -461,6 +461,10 @@ class OptunaSettings(_Strict):
     """None in the file: ``median`` for one objective, ``none`` for several (Optuna cannot
     prune multi-objective studies). A loaded spec always holds the effective pruner."""
     seed: int | None = None
+    enqueue: list[dict[str, Scalar]] = Field(default_factory=list)
+    """Trials to run first, before the sampler proposes any: each a mapping from searched
+    parameters to values; parameters left out are proposed by the sampler. Enqueued once when
+    the study is created (rerunning or adding workers does not enqueue them again)."""
     storage: str | None = None
     """None: the runner's local default file; else an SQLAlchemy URL (sqlite:///x.db,
     postgresql://user@host/db, mysql://...) that several workers can share."""
@@ -954,11 +958,53 @@ def _optuna_problems(opt: OptunaSettings, search: dict[str, Any], n_obj: int) ->
             f"optuna.sampler: 'cmaes' optimises one objective, this study has {n_obj}; "
             "use nsga2, tpe, gp, random or grid"
         )
+    for i, params in enumerate(opt.enqueue):
+        out += _enqueue_problems(f"optuna.enqueue[{i}]", params, search)
     if n_obj > 1 and opt.pruner not in (None, "none"):
         out.append(
             f"optuna.pruner: {opt.pruner!r} cannot be used with {n_obj} objectives "
             "(Optuna cannot prune multi-objective studies); set pruner: none"
         )
+    return out
+
+
+def _enqueue_problems(where: str, params: dict[str, Any], search: dict[str, Any]) -> list[str]:
+    """An enqueued trial names searched parameters with values in their spaces, and gives a
+    conditional parameter only where its ``when:`` holds for the values it gives."""
+    out = []
+    for name, value in params.items():
+        if name not in search:
+            out.append(
+                f"{where}.{name}: not a searched parameter{_did_you_mean(name, search)}; "
+                f"searched: {_one_of(search)}"
+            )
+            continue
+        space = search[name]
+        if isinstance(space, ChoiceSpace):
+            ok = value in space.values and not (
+                isinstance(value, bool) and not any(v is value for v in space.values)
+            )
+            allowed = f"one of {_one_of(space.values)}"
+        else:
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if isinstance(space, IntSpace):
+                number = number and float(value).is_integer()
+            ok = number and space.low <= value <= space.high
+            allowed = space.describe()
+        if not ok:
+            out.append(f"{where}.{name}: {_show(value)} is not in the space; allowed: {allowed}")
+            continue
+        for ref, values in space.conditions().items():
+            if ref not in params:
+                out.append(
+                    f"{where}.{name}: given without {ref}, which decides whether it exists "
+                    f"(when: {ref} is {_one_of(values)}); give {ref} too"
+                )
+            elif params[ref] not in values:
+                out.append(
+                    f"{where}.{name}: given, but it exists only when {ref} is "
+                    f"{_one_of(values)} and this trial sets {ref} to {_show(params[ref])}"
+                )
     return out
 
 

@@ -387,6 +387,43 @@ CASES: list[tuple[str, list[Callable[[dict[str, Any]], None]], list[str]]] = [
         [put("base", "data", value={"kind": "folder", "path": "."})],
         ["objective: 'domain_fid' is only written on the embedded shapes", "eval/flow_loss"],
     ),
+    (
+        "enqueue unknown parameter",
+        [put("optuna", "enqueue", value=[{"timesteps.sampler": "mode"}, {"timestep.shift": 2.0}])],
+        ["optuna.enqueue[1].timestep.shift: not a searched parameter", "'timesteps.shift'"],
+    ),
+    (
+        "enqueue value outside its space",
+        [
+            put(
+                "optuna",
+                "enqueue",
+                value=[{"timesteps.sampler": "cosmap", "train.steps": 40, "timesteps.shift": 1}],
+            )
+        ],
+        [
+            'optuna.enqueue[0].timesteps.sampler: "cosmap" is not in the space',
+            "optuna.enqueue[0].train.steps: 40 is not in the space; allowed: int [10, 30] step 10",
+        ],
+    ),
+    (
+        "enqueue conditional parameter whose condition fails",
+        [
+            put(
+                "optuna",
+                "enqueue",
+                value=[
+                    {"timesteps.sampler": "mode", "timesteps.logit_mean": 0.5},
+                    {"timesteps.logit_std": 1.0},
+                ],
+            )
+        ],
+        [
+            "optuna.enqueue[0].timesteps.logit_mean: given, but it exists only when "
+            'timesteps.sampler is logit_normal and this trial sets timesteps.sampler to "mode"',
+            "optuna.enqueue[1].timesteps.logit_std: given without timesteps.sampler",
+        ],
+    ),
 ]
 
 
@@ -645,7 +682,7 @@ def test_known_metrics_match_the_shapes_attributes() -> None:
 def test_timestep_study() -> None:
     spec = load_study(STUDIES / "timestep.yaml")
     assert spec.name == "timestep" and spec.trainer == "flow" and spec.trials == 4
-    assert spec.metrics == ["attr_acc_mean"] and spec.directions == ["maximize"]
+    assert spec.metrics == ["domain_fid"] and spec.directions == ["minimize"]
     assert (spec.optuna.sampler, spec.optuna.pruner, spec.optuna.seed) == ("tpe", "median", 19)
     assert spec.search["timesteps.sampler"].values == ["uniform", "logit_normal", "mode", "cosmap"]
     assert spec.search["timesteps.logit_std"].when == {"timesteps.sampler": "logit_normal"}
@@ -708,7 +745,7 @@ def test_cli_check_valid() -> None:
     result = CliRunner().invoke(app, ["study", "check", str(STUDIES / "timestep.yaml")])
     assert result.exit_code == 0, result.output
     out = result.stdout
-    assert "study timestep: valid" in out and "maximize attr_acc_mean" in out
+    assert "study timestep: valid" in out and "minimize domain_fid" in out
     assert "sampler tpe, pruner median, seed 19" in out and "trials:    4" in out
     assert "timesteps.logit_std   float [0.5, 2.0]  (when timesteps.sampler = logit_normal)" in out
 
