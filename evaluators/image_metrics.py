@@ -68,6 +68,7 @@ __all__ = [
     "metrics_cache_dir",
     "mmd_rbf",
     "reference_features",
+    "require_images",
 ]
 
 CMMD_SIGMA = 10.0
@@ -75,9 +76,18 @@ CMMD_SCALE = 1000.0
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
 
-MIN_IMAGES: dict[str, int] = {"fid": 2, "kid": 2, "cmmd": 2, "clip_score": 1}
+MIN_IMAGES: dict[str, int] = {
+    "fid": 2,
+    "kid": 2,
+    "cmmd": 2,
+    "clip_score": 1,
+    "domain_fid": 2,
+    "attr_acc": 1,
+}
 _WHY_MIN = {
     "fid": "the covariance of the features divides by n - 1",
+    "domain_fid": "the covariance of the features divides by n - 1",
+    "attr_acc": "it averages over images",
     "kid": "its unbiased MMD estimator averages over pairs of distinct images",
     "cmmd": "its unbiased MMD estimator averages over pairs of distinct images",
     "clip_score": "it averages over images",
@@ -95,7 +105,8 @@ class NotEnoughImagesError(ValueError):
     """Too few images for a metric to be defined; the message says the minimum and why."""
 
 
-def _require_images(metric: str, n: int, side: str) -> None:
+def require_images(metric: str, n: int, side: str) -> None:
+    """Raise :class:`NotEnoughImagesError` if ``n`` images are too few for ``metric``."""
     need = MIN_IMAGES[metric]
     if n < need:
         raise NotEnoughImagesError(
@@ -124,8 +135,8 @@ def fid(fake: Tensor, real: Tensor) -> float:
     Warns when ``N`` or ``M`` is below ``D`` (rank-deficient covariance, biased upwards).
     """
     _check_features(fake, real)
-    _require_images("fid", len(fake), "generated")
-    _require_images("fid", len(real), "reference")
+    require_images("fid", len(fake), "generated")
+    require_images("fid", len(real), "reference")
     d = fake.shape[1]
     if min(len(fake), len(real)) < d:
         warnings.warn(
@@ -157,8 +168,8 @@ def kid(
     from torchmetrics.image.kid import poly_mmd
 
     _check_features(fake, real)
-    _require_images("kid", len(fake), "generated")
-    _require_images("kid", len(real), "reference")
+    require_images("kid", len(fake), "generated")
+    require_images("kid", len(real), "reference")
     if subsets < 1 or subset_size < 2:
         raise ValueError(f"need subsets >= 1 and subset_size >= 2, got {subsets}, {subset_size}")
     size = min(subset_size, len(fake), len(real))
@@ -203,8 +214,8 @@ def mmd_rbf(x: Tensor, y: Tensor, *, sigma: float = CMMD_SIGMA, unbiased: bool =
 def cmmd(fake: Tensor, real: Tensor, *, sigma: float = CMMD_SIGMA, unbiased: bool = True) -> float:
     """CMMD: ``1000 * MMD²`` of CLIP embeddings with an RBF kernel of ``sigma`` (paper: 10)."""
     _check_features(fake, real)
-    _require_images("cmmd", len(fake), "generated")
-    _require_images("cmmd", len(real), "reference")
+    require_images("cmmd", len(fake), "generated")
+    require_images("cmmd", len(real), "reference")
     return CMMD_SCALE * mmd_rbf(fake, real, sigma=sigma, unbiased=unbiased)
 
 
@@ -228,7 +239,7 @@ def clip_score(
 
     if len(captions) != len(images):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
-    _require_images("clip_score", len(images), "captioned")
+    require_images("clip_score", len(images), "captioned")
     bad = [c for c in captions if not isinstance(c, str) or not c.strip()]
     if bad:
         raise ValueError(f"clip_score needs a non-empty caption per image, got {bad[:3]!r}")

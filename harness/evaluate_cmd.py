@@ -216,13 +216,14 @@ def _first_side(path: Path) -> int:
 
 
 def _folder_images(
-    folder: Path, resolution: int | None, limit: int | None = None
+    folder: Path, resolution: int | None, limit: int | None = None, *, captions: bool = True
 ) -> tuple[Tensor, list[str] | None, list[Path]]:
-    """uint8 images (shorter side -> resolution, centre crop), captions if there is a
-    ``metadata.jsonl``, and the files, sorted by path."""
+    """uint8 images (shorter side -> resolution, centre crop), and the files: with ``captions``
+    and a ``metadata.jsonl``, the images it lists (in its order) and their captions; else every
+    image file, sorted by path, and no captions."""
     from trainers.data.folder import METADATA_FILE, ImageFolderDataset, load_square_rgb
 
-    if (folder / METADATA_FILE).is_file():
+    if captions and (folder / METADATA_FILE).is_file():
         ds_res = resolution
         if ds_res is None:  # the first listed image's shorter side
             with (folder / METADATA_FILE).open(encoding="utf-8") as fh:
@@ -322,9 +323,9 @@ def _read_manifest(path: Path) -> list[dict[str, Any]]:
 # The reference
 
 
-def reference_source(spec: str | None, image_set: ImageSet) -> Any:
+def reference_source(spec: str | None, image_set: ImageSet, size: int) -> Any:
     """The :class:`~evaluators.image_metrics.ReferenceSource` for ``--reference`` (or the
-    default for the image set: the run's training data)."""
+    default for the image set: the run's training data); ``size`` images will be used."""
     from evaluators.image_metrics import ReferenceSource
 
     res = image_set.resolution
@@ -354,14 +355,16 @@ def reference_source(spec: str | None, image_set: ImageSet) -> Any:
     if not folder.is_dir():
         raise EvalError(f"--reference {spec!r} is neither 'embedded' nor an existing image folder")
     folder = folder.resolve()
-    # The cache key must change when the images do: hash every file's name and bytes.
-    files = _folder_files(folder)
+    # A reference folder is its image files sorted by path (captions are not needed); the
+    # first ``size`` are used. The cache key must change when they do: hash their names and
+    # bytes (only those: a 50k-image folder is not read whole for a 1000-image reference).
+    files = _folder_files(folder)[:size]
     if not files:
         raise EvalError(f"--reference {folder} holds no images")
     fingerprint = _files_sha256(files, folder)
 
     def load_folder(n: int) -> Tensor:
-        return _folder_images(folder, res, limit=n)[0]
+        return _folder_images(folder, res, limit=n, captions=False)[0]
 
     describe = {"dataset": "folder", "name": folder.name, "files_sha256": fingerprint}
     return ReferenceSource(f"folder/{fingerprint}", describe, load_folder, res)
@@ -394,14 +397,12 @@ class _LazyBar:
 
 
 def _check_counts(metrics: Sequence[str], image_set: ImageSet, opts: EvalOptions) -> None:
-    from evaluators.image_metrics import MIN_IMAGES, _require_images
+    from evaluators.image_metrics import require_images
 
-    n = len(image_set.images)
     for m in metrics:
-        base = {"domain_fid": "fid", "attr_acc": "clip_score"}.get(m, m)
-        _require_images(base, n, "generated") if base in MIN_IMAGES else None
-        if m in ("fid", "kid", "cmmd", "domain_fid") and opts.reference_size < 2:
-            _require_images(base, opts.reference_size, "reference")
+        require_images(m, len(image_set.images), "generated")
+        if m in ("fid", "kid", "cmmd", "domain_fid"):
+            require_images(m, opts.reference_size, "reference")
 
 
 def evaluate(
@@ -434,7 +435,7 @@ def evaluate(
         )
     _check_counts(metrics, image_set, opts)
     needs_ref = any(m in metrics for m in ("fid", "kid", "cmmd"))
-    source = reference_source(opts.reference, image_set) if needs_ref else None
+    source = reference_source(opts.reference, image_set, opts.reference_size) if needs_ref else None
 
     # Load every network first: a missing weight file fails before any image is processed.
     inception = (

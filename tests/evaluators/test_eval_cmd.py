@@ -143,3 +143,48 @@ def test_user_errors_exit_2_with_the_fix(tmp_path: Path) -> None:
     assert code == 2 and "neither a run id" in out
     code, out = _eval(tmp_path / "w", str(run2), "--metrics", "cmmd", "--tag", "step_9")
     assert code == 2 and "no samples tagged 'step_9'" in out
+
+
+@pytest.mark.slow
+def test_domain_metrics_of_real_shapes_images(tmp_path: Path) -> None:
+    """Real renders captioned with their own attributes: the attribute net (trained once per
+    session cache, ~25 s) reads them right, and their domain FID against other real images is
+    finite. Non-shapes prompts are refused."""
+    run = _write_run(tmp_path / "r", n=8)
+    code, out = _eval(tmp_path / "w", str(run), "--metrics", "domain_fid,attr_acc",
+                      "--reference-size", "64")  # fmt: skip
+    assert code == 0, out
+    rows = {r["metric"]: r for r in read_scores(Store(tmp_path / "w" / "harness.duckdb"))}
+    assert rows["attr_acc_mean"]["value"] >= 0.9
+    assert 0 <= rows["domain_fid"]["value"] < 1e4
+    assert rows["domain_fid"]["provenance"]["extractor"]["name"] == "attribute-net"
+    folder = tmp_path / "other"
+    folder.mkdir()
+    Image.new("RGB", (RES, RES)).save(folder / "0.png")
+    Image.new("RGB", (RES, RES), "white").save(folder / "1.png")
+    meta = [{"file_name": f"{i}.png", "text": "a photo of a cat"} for i in range(2)]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(m) + "\n" for m in meta))
+    code, out = _eval(tmp_path / "w", str(folder), "--metrics", "attr_acc")
+    assert code == 2 and "need the embedded shapes captions" in out
+
+
+def test_reference_folder_is_keyed_by_its_content(tmp_path: Path) -> None:
+    run = _write_run(tmp_path / "r")
+    real = tmp_path / "real"
+    real.mkdir()
+    ds = ShapesDataset(seed=9, split="val", size=5, resolution=24)  # resized to 16 on load
+    for i in range(5):
+        Image.fromarray(ds.images[i].permute(1, 2, 0).numpy()).save(real / f"{i}.png")
+    args = ("--metrics", "cmmd", "--reference", str(real), "--reference-size", "4")
+    code, out = _eval(tmp_path / "w", str(run), *args)
+    assert code == 0, out
+    store = Store(tmp_path / "w" / "harness.duckdb")
+    (first,) = read_scores(store, metric="cmmd")
+    ref = first["provenance"]["reference"]
+    assert ref["dataset"] == "folder" and ref["num_images"] == 4 and ref["resolution"] == RES
+    # Replacing one of the images used changes the reference, hence the provenance.
+    Image.fromarray(ds.images[4].permute(1, 2, 0).numpy()).save(real / "0.png")
+    code, out = _eval(tmp_path / "w", str(run), *args)
+    assert code == 0, out
+    rows = read_scores(store, metric="cmmd")
+    assert len(rows) == 2 and len({r["provenance"]["reference"]["files_sha256"] for r in rows}) == 2
