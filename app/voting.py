@@ -63,6 +63,11 @@ class PlannedPair:
     right_id: str
     gold_expected: Side | None = None  # the side that should win, for a gold pair
 
+    @property
+    def sides(self) -> tuple[str, str]:
+        """(left, right) contestant ids."""
+        return self.left_id, self.right_id
+
 
 @dataclass(frozen=True)
 class IssuedPair(PlannedPair):

@@ -72,7 +72,10 @@ def table_ui(rows: list[dict[str, Any]]) -> str | None:
         },
     )
     picked = getattr(getattr(event, "selection", None), "rows", None) or []
-    return rows[picked[0]]["contestant"] if picked else rows[0]["contestant"]
+    # A selection made under other filters may point past the end of this table.
+    return (
+        rows[picked[0]]["contestant"] if picked and picked[0] < len(rows) else rows[0]["contestant"]
+    )
 
 
 def matrix_ui(matrix: dict[str, Any]) -> None:

@@ -51,6 +51,8 @@ def rater_ui() -> Rater | None:
     token = st.query_params.get("token") or st.session_state.get("rate_token")
     if token:
         st.session_state["rate_token"] = token  # navigating to other pages drops the URL query
+        if st.query_params.get("token") != token:
+            st.query_params["token"] = token  # back in the URL, so that a refresh keeps it
     store = common.store()
     if store is None:
         return None
@@ -128,9 +130,14 @@ def pair_ui(pair: IssuedPair, rater: Rater) -> None:
     db = common.db_path()
     st.markdown(f"**Prompt:** {pair.prompt}")
     st.caption("Which image shows the prompt better? Judge prompt following first, then quality.")
-    left, right = st.columns(2)
-    for col, name, cid in ((left, "A", pair.left_id), (right, "B", pair.right_id)):
-        png = common.render_png(db, cid, pair.prompt_id, pair.seed)
+    try:
+        pngs = [common.render_png(db, c, pair.prompt_id, pair.seed) for c in pair.sides]
+    except OSError as err:  # a render deleted or moved since it was registered
+        st.session_state["rate_pair"] = None
+        st.warning(f"Skipped a pair whose image is missing ({err}).")
+        st.button("Next pair", key="vote_skip")
+        return
+    for col, name, png in zip(st.columns(2), ("A", "B"), pngs, strict=True):
         col.image(common.crisp(png, IMAGE_PX), caption=name, width=IMAGE_PX)
     cols = st.columns(len(BUTTONS) + 1)
     for col, (outcome, label, key) in zip(cols, BUTTONS, strict=False):

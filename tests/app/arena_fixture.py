@@ -1,7 +1,8 @@
 """A small but complete arena work directory for the app's tests, built in about a second.
 
 One study (``toy``: 3 trials, complete / complete / failed) with its Optuna SQLite study,
-DuckDB rows and run directories (metrics.jsonl, tiny PNG samples at two steps and final);
+DuckDB rows (inserted directly) and run directories (metrics.jsonl, tiny PNG samples at two
+steps and final);
 three contestants from its runs, rendered on 4 prompts x 1 seed in two categories; the gold
 noise contestant; a few domain-judge votes; one human rater with a token. Images are drawn
 with PIL (a coloured disc on a background; the "bad" contestant draws it off-colour), 24 px.
@@ -92,6 +93,28 @@ def _run_dir(root: Path, trial: int, failed: bool) -> tuple[Path, dict]:
     return run, config
 
 
+def _fill_run(store: Store, run_id: str, run: Path) -> None:
+    """The run's metrics and samples rows, inserted directly: Store.ingest_run_dir would import
+    trainers.rundir and with it torch (seconds), which nothing here needs."""
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    samples = [json.loads(x) for x in (run / "samples/manifest.jsonl").read_text().splitlines()]
+    with store.transaction() as con:
+        con.executemany(
+            "INSERT INTO metrics VALUES (?, ?, ?, ?, ?)",
+            [(run_id, m["step"], m["name"], m["value"], m["time"]) for m in metrics],
+        )
+        con.executemany(
+            "INSERT INTO samples (run_id, path, tag, step, prompt_id, prompt, seed, nfe, cfg, "
+            "sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (run_id, x["path"], x["tag"], x["step"], x["prompt_id"], x["prompt"], x["seed"],
+                 x["nfe"], x["cfg"],
+                 hashlib.sha256((run / "samples" / x["path"]).read_bytes()).hexdigest())
+                for x in samples
+            ],
+        )  # fmt: skip
+
+
 def _optuna(root: Path) -> None:
     import optuna
 
@@ -132,7 +155,7 @@ def build(root: Path, *, optuna_study: bool = True) -> Arena:
         run, config = _run_dir(root, trial, failed)
         run_id = f"toy/{trial}"
         store.register_run(run_id, run, config, f"hash{trial}", study="toy", trial=trial)
-        store.ingest_run_dir(run_id, run)
+        _fill_run(store, run_id, run)
         store.upsert_trial(
             "toy",
             trial,

@@ -187,3 +187,12 @@ def test_run_page_opens_the_run_named_in_the_url(arena) -> None:
     at.run()
     assert at.selectbox(key="run_pick").value == "toy/1"
     assert not at.error
+
+
+def test_a_missing_render_is_skipped_not_a_crash(arena, monkeypatch) -> None:
+    monkeypatch.setattr("app.voting.GOLD_RATE", 0.0)
+    with arena.store.transaction() as con:
+        con.execute("UPDATE renders SET path = path || '.gone'")
+    at = _app("views/rate.py", token=arena.token)
+    assert any("image is missing" in w.value for w in at.warning)
+    assert not [b for b in at.button if b.key in ("vote_left", "vote_right")]
