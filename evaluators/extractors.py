@@ -49,6 +49,7 @@ __all__ = [
     "INCEPTION_ENV",
     "INCEPTION_FILE",
     "INCEPTION_URL",
+    "RESIZE_MODES",
     "ClipExtractor",
     "Extractor",
     "InceptionExtractor",

@@ -91,6 +91,17 @@ class EvalOptions:
     seed: int = 0
     cache_dir: Path | None = None
 
+    def __post_init__(self) -> None:
+        from evaluators.extractors import RESIZE_MODES
+
+        if self.resize not in RESIZE_MODES:
+            raise EvalError(
+                f"--resize {self.resize!r}{did_you_mean(self.resize, RESIZE_MODES)}: allowed "
+                f"{', '.join(RESIZE_MODES)}"
+            )
+        if self.reference_size < 2 or self.batch_size < 1 or self.kid_subsets < 1:
+            raise EvalError("--reference-size must be >= 2 and --batch-size >= 1")
+
 
 @dataclass
 class ImageSet:
@@ -405,16 +416,33 @@ def _check_counts(metrics: Sequence[str], image_set: ImageSet, opts: EvalOptions
             require_images(m, opts.reference_size, "reference")
 
 
-def evaluate(
-    target: str, opts: EvalOptions, store: Store, progress: Progress = _no_progress
-) -> list[Any]:
-    """Score ``target`` with ``opts.metrics``, store the scores and return them (``Score``)."""
+def _load_networks(metrics: Sequence[str], opts: EvalOptions) -> tuple[Any, Any, Any]:
+    """(Inception for fid/kid, CLIP for cmmd, CLIP for clip_score), None where not needed; one
+    CLIP is shared when both resolve to the same directory."""
     from evaluators.extractors import (
         CLIP_SCORE_DEFAULT_ID,
         ClipExtractor,
         InceptionExtractor,
         resolve_clip_dir,
     )
+
+    inception = None
+    if "fid" in metrics or "kid" in metrics:
+        resize = opts.resize
+        inception = InceptionExtractor(opts.inception, resize=resize, device=opts.device)  # type: ignore[arg-type]
+    clip = ClipExtractor(opts.clip, device=opts.device) if "cmmd" in metrics else None
+    scorer = None  # CLIP score's default model (ViT-L/14 at 224) unless --clip names one
+    if "clip_score" in metrics:
+        clip_dir = resolve_clip_dir(opts.clip, CLIP_SCORE_DEFAULT_ID)
+        same = clip is not None and clip.directory == clip_dir
+        scorer = clip if same else ClipExtractor(str(clip_dir), device=opts.device)
+    return inception, clip, scorer
+
+
+def evaluate(
+    target: str, opts: EvalOptions, store: Store, progress: Progress = _no_progress
+) -> list[Any]:
+    """Score ``target`` with ``opts.metrics``, store the scores and return them (``Score``)."""
     from evaluators.image_metrics import (
         FeatureSet,
         clip_score,
@@ -438,17 +466,7 @@ def evaluate(
     source = reference_source(opts.reference, image_set, opts.reference_size) if needs_ref else None
 
     # Load every network first: a missing weight file fails before any image is processed.
-    inception = (
-        InceptionExtractor(opts.inception, resize=opts.resize, device=opts.device)  # type: ignore[arg-type]
-        if "fid" in metrics or "kid" in metrics
-        else None
-    )
-    clip = ClipExtractor(opts.clip, device=opts.device) if "cmmd" in metrics else None
-    scorer = None  # the CLIP model for clip_score: CLIP score's default model, or --clip
-    if "clip_score" in metrics:
-        clip_dir = resolve_clip_dir(opts.clip, CLIP_SCORE_DEFAULT_ID)
-        same = clip is not None and clip.directory == clip_dir
-        scorer = clip if same else ClipExtractor(str(clip_dir), device=opts.device)
+    inception, clip, scorer = _load_networks(metrics, opts)
 
     n = len(image_set.images)
     base = {"images": image_set.provenance, "num_images": n}
@@ -650,7 +668,9 @@ def print_scores(scores: Sequence[Any], console: Any) -> None:
         ("extractor", "left"),
         ("provenance", "left"),
     ):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+        # Metric names, values and hashes are read and copied whole: never wrap them.
+        keep = name in ("metric", "value", "provenance")
+        table.add_column(name, justify=justify, no_wrap=keep)  # type: ignore[arg-type]
     for s in scores:
         ref = s.provenance.get("reference") or {}
         ref_text = f"{ref.get('dataset', '')} n={ref['num_images']}" if ref else "-"

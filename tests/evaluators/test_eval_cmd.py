@@ -139,6 +139,8 @@ def test_user_errors_exit_2_with_the_fix(tmp_path: Path) -> None:
     code, out = _eval(tmp_path / "w", str(run2), "--metrics", "fid")
     assert code == 2
     assert ex.INCEPTION_URL in out and ex.INCEPTION_ENV in out
+    code, out = _eval(tmp_path / "w", str(run2), "--metrics", "fid", "--resize", "clear")
+    assert code == 2 and "did you mean 'clean'" in out
     code, out = _eval(tmp_path / "w", "no-such-run", "--metrics", "cmmd")
     assert code == 2 and "neither a run id" in out
     code, out = _eval(tmp_path / "w", str(run2), "--metrics", "cmmd", "--tag", "step_9")
