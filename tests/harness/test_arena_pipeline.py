@@ -46,23 +46,7 @@ from harness.arena_pipeline import (
 )
 from harness.cli import app
 from harness.store import Store
-
-
-def _trainer_utils():
-    """tests/trainers/trainer_utils.py, loaded by path: torch-fidelity 0.4 installs a top-level
-    ``tests`` package into site-packages that shadows this repository's ``tests`` namespace
-    package, so ``from tests.trainers.trainer_utils import ...`` fails to import."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "trainers" / "trainer_utils.py"
-    spec = importlib.util.spec_from_file_location("arena_trainer_utils", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-config, write_config = _trainer_utils().config, _trainer_utils().write_config
+from tests.trainers.trainer_utils import config, write_config
 
 TINY_NET = AttributeNetRecipe(
     train_mix=((32, 256),), epochs=1, batch_size=64, eval_size=64, min_accuracy=0.0
