@@ -327,7 +327,7 @@ def arena_render(
     ] = "embedded",
     num_prompts: Annotated[
         int | None,
-        typer.Option("--num-prompts", min=1, help="prompts to use [default: 16 / whole file]"),
+        typer.Option("--num-prompts", min=1, help="prompts to use (default: 16 / whole file)"),
     ] = None,
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="seeds 0..K-1 per prompt")] = 2,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto")] = "cpu",
@@ -405,7 +405,13 @@ def judge_cmd(
     ],
     pairs: Annotated[int, typer.Option("--pairs", min=1, help="comparisons to ask for")] = 20,
     seed: Annotated[
-        int | None, typer.Option("--seed", help="pair-sampler seed [default: votes so far]")
+        int | None, typer.Option("--seed", help="pair-sampler seed (default: votes so far)")
+    ] = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(
+            "--concurrency", min=1, help="requests in flight at once (openai judge; default 4)"
+        ),
     ] = None,
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
 ) -> None:
@@ -418,9 +424,12 @@ def judge_cmd(
     """
     from harness.arena_pipeline import build_judge, judge_round
 
+    options = {} if concurrency is None else {"concurrency": concurrency}
+    if options and judge != "openai":
+        raise typer.BadParameter("applies to --judge openai only", param_hint="--concurrency")
     store = _open_store(workdir, create=False)
     with _store_errors():
-        judge_obj = build_judge(judge, store)
+        judge_obj = build_judge(judge, store, **options)
         summary = judge_round(store, judge_obj, pairs, seed=seed)
     outcomes = ", ".join(f"{k} {v}" for k, v in sorted(summary.outcomes.items()))
     typer.echo(
@@ -444,7 +453,7 @@ def leaderboard(
         typer.Option(
             "--rater-kind",
             metavar="KIND",
-            help="only votes by raters of this kind: human, judge, domain, or all [default: all]",
+            help="only votes by raters of this kind: human, judge, domain, or all (default: all)",
         ),
     ] = None,
     rounds: Annotated[
@@ -567,14 +576,14 @@ def eval_cmd(
         str | None,
         typer.Option(
             "--reference",
-            help="real images: 'embedded' (shapes val split) or FOLDER [default: the run's data]",
+            help="real images: 'embedded' (shapes val split) or FOLDER (default: the run's data)",
         ),
     ] = None,
     reference_size: Annotated[
         int, typer.Option("--reference-size", min=2, help="reference images (cached)")
     ] = 1000,
     tag: Annotated[
-        str | None, typer.Option("--tag", help="sample set, e.g. step_000500 [default: final]")
+        str | None, typer.Option("--tag", help="sample set, e.g. step_000500 (default: final)")
     ] = None,
     inception: Annotated[
         str | None,

@@ -605,3 +605,26 @@ def test_cli_judge_without_server_config_exits_2_with_the_fix(tmp_path, monkeypa
     assert result.exit_code == 2, result.output
     assert "set HARNESS_JUDGE_BASE_URL" in result.output
     assert "Traceback" not in result.output
+
+
+def test_cli_judge_passes_concurrency_to_the_openai_judge_only(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import harness.arena_pipeline as pipeline
+    from harness.cli import app
+
+    seen = {}
+
+    def fake_build(name, store, **options):
+        seen.update(name=name, options=options)
+        raise pipeline.ArenaError("stop here")
+
+    monkeypatch.setattr(pipeline, "build_judge", fake_build)
+    Store(tmp_path / "harness.duckdb")
+    args = ["judge", "--judge", "openai", "--concurrency", "3", "--workdir", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "stop here" in result.output
+    assert seen == {"name": "openai", "options": {"concurrency": 3}}
+    args[2] = "domain"
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "openai only" in result.output
