@@ -222,8 +222,8 @@ CASES: list[tuple[str, list[Callable[[dict[str, Any]], None]], list[str]]] = [
     ),
     (
         "search path unknown section",
-        [put(S, "repa.layer", value=[4, 8])],
-        [f"{S}.repa.layer: 'repa' is not a field of the flow trainer config"],
+        [put(S, "lora.rank", value=[4, 8])],
+        [f"{S}.lora.rank: 'lora' is not a field of the flow trainer config"],
     ),
     (
         "search a section",
