@@ -16,10 +16,8 @@ from evaluators import extractors as ex
 from evaluators.scores import ProvenanceMismatchError, compare_scores, read_scores
 from harness.cli import app
 from harness.store import Store
+from tests.evaluators.metric_nets import write_tiny_clip
 from trainers.data.shapes import ShapesDataset
-
-# Bare-name import: torch-fidelity's wheel ships a top-level ``tests`` package shadowing ours.
-from metric_nets import write_tiny_clip  # isort: skip
 
 RES = 16
 

@@ -34,10 +34,7 @@ from evaluators.scores import (
     scores_by_provenance,
 )
 from harness.store import Store, StoreError
-
-# Imported by its bare name (pytest puts this directory on sys.path): torch-fidelity 0.4.0's
-# wheel installs a top-level ``tests`` package that shadows ours, so ``tests.evaluators`` fails.
-from metric_nets import write_random_inception, write_tiny_clip  # isort: skip
+from tests.evaluators.metric_nets import write_random_inception, write_tiny_clip
 from trainers.data.shapes import ShapesDataset
 from trainers.errors import WeightsError
 
