@@ -22,6 +22,8 @@ class Strict(BaseModel):
 TimestepSampler = Literal["uniform", "logit_normal", "mode", "cosmap"]
 Solver = Literal["euler", "heun"]
 TextEncoderKind = Literal["vocab", "minilm", "clip", "t5"]
+REPA_BACKBONES: tuple[str, ...] = ("sd3", "pixart")
+"""Backbones with ``transformer_blocks`` whose outputs are patch tokens (REPA's hook point)."""
 
 
 class ModelConfig(Strict):
@@ -143,6 +145,22 @@ class EvalConfig(Strict):
     """t levels of that grid: t = (k + 0.5) / levels, k = 0 .. levels - 1, unshifted."""
 
 
+class RepaConfig(Strict):
+    """REPA (Yu et al. 2024): align the backbone's hidden states after block ``layer`` with a
+    frozen encoder's patch features through an MLP projector; ``trainers/repa.py``."""
+
+    weight: float = Field(0.0, ge=0.0)
+    """lambda of ``loss = flow_loss + lambda * (-cos)``; 0 turns REPA off (the baseline)."""
+    layer: int = Field(2, ge=1)
+    """Align the output of the layer-th transformer block (1-based, as the paper's
+    ``encoder_depth``: 8 of SiT-XL's 28 blocks), i.e. ``transformer_blocks[layer - 1]``."""
+    encoder: str = "shapes-ssl"
+    """A name in ``trainers.repa.ENCODERS`` (``shapes-ssl``: the embedded data's encoder) or a
+    local directory / hub id (in the cache) of a transformers ViT such as DINOv2."""
+    projector_dim: int = Field(256, ge=1)
+    """Hidden width of the three-layer SiLU MLP projector (the paper uses 2048)."""
+
+
 class FlowConfig(Strict):
     trainer: Literal["flow"] = "flow"
     seed: int = 0
@@ -153,9 +171,25 @@ class FlowConfig(Strict):
     train: TrainConfig = TrainConfig()
     sample: SampleConfig = SampleConfig()
     eval: EvalConfig = EvalConfig()
+    repa: RepaConfig = RepaConfig()
+
+    @model_validator(mode="after")
+    def _repa_backbone(self) -> FlowConfig:
+        if self.repa.weight > 0 and self.model.backbone not in REPA_BACKBONES:
+            raise ValueError(
+                f"repa needs a transformer backbone ({', '.join(REPA_BACKBONES)}), got "
+                f"model.backbone {self.model.backbone!r}; set repa.weight to 0 or change "
+                "model.backbone"
+            )
+        return self
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        data = self.model_dump(mode="json")
+        # REPA off at its defaults is left out, so configs written before REPA existed keep
+        # their hash and their run directories still resume.
+        if self.repa == RepaConfig():
+            data.pop("repa")
+        return data
 
     def hash(self) -> str:
         """Stable hash of the resolved config (key order independent)."""

@@ -36,6 +36,7 @@ from trainers.export import generate_images, save_export, state_dict_hash
 from trainers.flow import flow_matching_loss, grid_flow_loss, solver_nfe
 from trainers.logs import Progress, tee_output
 from trainers.models import build_denoiser, count_parameters
+from trainers.repa import Repa, build_repa
 from trainers.rundir import RunDir
 from trainers.text import TextEmbeddings, build_text_encoder, split_words
 from trainers.timesteps import resolve_shift
@@ -217,7 +218,17 @@ class FlowTrainer:
         self.net = FlowNet(denoiser, text_encoder).to(self.device)
         self.ema = EMAModel(self.net.parameters(), decay=cfg.train.ema_decay)
         self.ema_net = self.net.ema_copy()
+        # REPA's projector trains with the model (same optimizer, checkpointed) but is no part
+        # of the model: not in the EMA, not exported. Built after the EMA copy so that the copy
+        # does not inherit the block hook.
+        self.repa: Repa | None = None
+        self._repa_window: list[float] = []
+        if cfg.repa.weight > 0:
+            self.repa = build_repa(cfg.repa, denoiser).to(self.device)
+            self.repa.encoder.module.to(self.device)
         self.params = [p for p in self.net.parameters() if p.requires_grad]
+        if self.repa is not None:
+            self.params += list(self.repa.parameters())
         self.opt = torch.optim.AdamW(
             self.params, lr=cfg.train.lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay
         )
@@ -257,7 +268,7 @@ class FlowTrainer:
             "scheduler": self.sched.state_dict(),
             "shift": self.shift,
             "torch_rng": torch.get_rng_state(),
-        }
+        } | ({"repa": self.repa.state_dict()} if self.repa is not None else {})
 
     def save_checkpoint(self) -> None:
         if self.dist.main:
@@ -275,6 +286,8 @@ class FlowTrainer:
                 "use a new --run-dir or delete the old run directory"
             )
         self.net.load_state_dict(ckpt["net"])
+        if self.repa is not None:
+            self.repa.load_state_dict(ckpt["repa"])
         self.ema.load_state_dict(ckpt["ema"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
@@ -304,12 +317,22 @@ class FlowTrainer:
             out = flow_matching_loss(
                 lambda x, t: self.model(x, t, captions), x0, cfg.timesteps, self.shift, gen
             )
-        loss = out.loss
-        reduced = self._all_reduce_mean(loss.detach().float())
-        if not math.isfinite(reduced):
+            loss = out.loss
+            if self.repa is not None:  # the hook captured block repa.layer in that forward
+                align = self.repa.loss(self._pixels(x0), self.repa.grid(*x0.shape[-2:]))
+                self._repa_window.append(self._all_reduce_mean(align.detach().float()))
+                loss = loss + cfg.repa.weight * align
+        # train/loss stays the flow loss alone, comparable with runs without REPA.
+        reduced = self._all_reduce_mean(out.loss.detach().float())
+        if not math.isfinite(reduced) or not math.isfinite(sum(self._repa_window[-1:])):
             raise NonFiniteLoss(f"non-finite loss ({reduced}) at step {self.step + 1}")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.repa is not None and self.dist.world > 1:
+            # The projector lives outside DDP: average its gradients by hand.
+            for p in self.repa.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= self.dist.world
         clip = cfg.train.grad_clip if cfg.train.grad_clip is not None else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
         self.opt.step()
@@ -317,6 +340,18 @@ class FlowTrainer:
         self.ema.step(self.net.parameters())
         self.step += 1
         return reduced, grad_norm
+
+    def _pixels(self, x0: torch.Tensor) -> torch.Tensor:
+        """The clean images for the REPA encoder: latents are decoded by the frozen VAE."""
+        return self.data.vae.decode(x0) if self.data.latent else x0
+
+    def _repa_metrics(self) -> dict[str, float]:
+        """``train/repa_loss``: mean -cos of the steps since the last log line."""
+        if not self._repa_window:
+            return {}
+        value = sum(self._repa_window) / len(self._repa_window)
+        self._repa_window.clear()
+        return {"train/repa_loss": value}
 
     def _all_reduce_mean(self, x: torch.Tensor) -> float:
         if self.dist.world > 1:
@@ -469,7 +504,8 @@ class FlowTrainer:
                                 "train/images_per_s": ips,
                                 "train/lr": self.sched.get_last_lr()[0],
                                 "train/grad_norm": grad_norm,
-                            },
+                            }
+                            | self._repa_metrics(),
                         )
                     progress.set_rate(ips)
                     progress.log_line(self.step, window_loss / window_n, ips)
