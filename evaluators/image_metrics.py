@@ -247,9 +247,11 @@ def clip_score(
     # A callable is torchmetrics' way to take an already loaded model: with a string it would
     # call from_pretrained itself (downloading, and refusing local paths without "openai").
     metric = CLIPScore(model_name_or_path=lambda: (adapter, processor))
+    # torchmetrics moves the model to the images' device: send the images to the model's.
+    device = next(model.parameters()).device
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
-            chunk = images[i : i + batch_size]
+            chunk = images[i : i + batch_size].to(device)
             metric.update(list(chunk), list(captions[i : i + batch_size]))
             if on_batch is not None:
                 on_batch(len(chunk))
