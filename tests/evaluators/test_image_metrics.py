@@ -340,11 +340,12 @@ def test_fid_on_a_random_inception_matches_torchmetrics(
     f2 = ex.extract_features(net, fake, batch_size=2)
     assert torch.allclose(f1, f2, rtol=1e-4, atol=1e-5)
     r = ex.extract_features(net, real, batch_size=6)
+    # FID is a function of the features, so equal features (up to float32 noise) are the batch
+    # invariance; one FID only: each costs two 2048x2048 eigendecompositions (~10-30 s here).
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # 6 images, 2048 features
-        ours, ours_b2 = fid(f1, r), fid(f2, r)
+        ours = fid(f1, r)
     assert ours > 1e-3  # features vary with the image: the test can fail
-    assert ours_b2 == pytest.approx(ours, rel=1e-4)
 
     tm = FrechetInceptionDistance(feature_extractor_weights_path=str(inception_path))
     tm.update(real, real=True)
