@@ -57,7 +57,6 @@ SHAPES_ONLY_METRICS: frozenset[str] = frozenset(
 FLOW_METRICS: frozenset[str] = frozenset(
     [
         *("train/loss", "train/images_per_s", "train/lr", "train/grad_norm", "eval/flow_loss"),
-        "train/repa_loss",  # only with repa.weight > 0
         *SHAPES_ONLY_METRICS,
     ]
 )
