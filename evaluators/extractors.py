@@ -48,6 +48,7 @@ __all__ = [
     "CMMD_CLIP_DEFAULT_ID",
     "INCEPTION_ENV",
     "INCEPTION_FILE",
+    "INCEPTION_LAYERS",
     "INCEPTION_URL",
     "RESIZE_MODES",
     "ClipExtractor",
@@ -216,11 +217,16 @@ def _check_uint8(images: Tensor) -> None:
         raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
 
 
+# torch-fidelity's feature names: the width of the average-pooled activations after each block.
+INCEPTION_LAYERS: dict[int, str] = {64: "pool1", 192: "pool2", 768: "mixed_6e", 2048: "pool3"}
+
+
 class InceptionExtractor:
-    """Inception-v3 pool3 features (2048-d) through torchmetrics / torch-fidelity."""
+    """Inception-v3 features through torchmetrics / torch-fidelity: pool3 (2048-d, the FID
+    standard) by default; ``dim`` 64, 192 or 768 picks an earlier layer, as torchmetrics'
+    ``FrechetInceptionDistance(feature=...)`` does (cheaper, and not comparable to pool3 FID)."""
 
     name: ClassVar[str] = "inception-v3-compat"
-    dim: ClassVar[int] = 2048
     input_size: ClassVar[int] = 299
 
     def __init__(
@@ -228,8 +234,12 @@ class InceptionExtractor:
         weights: str | Path | None = None,
         *,
         resize: ResizeMode = "clean",
+        dim: int = 2048,
         device: str | torch.device = "cpu",
     ) -> None:
+        if dim not in INCEPTION_LAYERS:
+            raise ValueError(f"Inception dim must be one of {sorted(INCEPTION_LAYERS)}, got {dim}")
+        self.dim = dim
         if resize not in RESIZE_MODES:
             raise ValueError(f"unknown resize mode {resize!r}; allowed: {', '.join(RESIZE_MODES)}")
         self.path = resolve_inception_weights(weights)
@@ -274,7 +284,7 @@ class InceptionExtractor:
 
     @torch.no_grad()
     def features(self, images: Tensor) -> Tensor:
-        """Pool3 features ``[B, 2048]`` float32 (CPU) of uint8 images ``[B, 3, H, W]``."""
+        """Features ``[B, dim]`` float32 (CPU) of uint8 images ``[B, 3, H, W]``."""
         _check_uint8(images)
         device = next(self.net.parameters()).device
         # Autocast off: a caller's autocast context would silently run the extractor in bf16.
@@ -285,7 +295,7 @@ class InceptionExtractor:
         """What makes these features these features (goes into every score's provenance)."""
         return {
             "name": self.name,
-            "layer": "pool3",
+            "layer": INCEPTION_LAYERS[self.dim],
             "dim": self.dim,
             "weights_sha256": self.weights_sha256,
             "input_size": self.input_size,

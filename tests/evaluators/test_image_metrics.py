@@ -338,16 +338,21 @@ def test_fid_on_a_random_inception_matches_torchmetrics(
     assert net.weights_sha256 == ex.file_sha256(inception_path)
     f1 = ex.extract_features(net, fake, batch_size=6)
     f2 = ex.extract_features(net, fake, batch_size=2)
+    # FID is a function of the features: equal features (up to float32 noise) across batch
+    # sizes are its batch-size invariance.
     assert torch.allclose(f1, f2, rtol=1e-4, atol=1e-5)
-    r = ex.extract_features(net, real, batch_size=6)
-    # FID is a function of the features, so equal features (up to float32 noise) are the batch
-    # invariance; one FID only: each costs two 2048x2048 eigendecompositions (~10-30 s here).
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # 6 images, 2048 features
-        ours = fid(f1, r)
-    assert ours > 1e-3  # features vary with the image: the test can fail
+    assert f1.shape == (6, 2048) and net.provenance()["layer"] == "pool3"
 
-    tm = FrechetInceptionDistance(feature_extractor_weights_path=str(inception_path))
+    # End to end against torchmetrics on its 192-d layer: the same network, weights file, uint8
+    # input and resize, but a 192x192 Frechet distance (at 2048-d each one costs two
+    # eigendecompositions that take 10-80 s on this machine).
+    small = ex.InceptionExtractor(inception_path, dim=192)
+    fake192, real192 = small.features(fake), small.features(real)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # 6 images, 192 features
+        ours = fid(fake192, real192)
+    assert ours > 1e-3  # features vary with the image: the test can fail
+    tm = FrechetInceptionDistance(feature=192, feature_extractor_weights_path=str(inception_path))
     tm.update(real, real=True)
     tm.update(fake, real=False)
     assert ours == pytest.approx(float(tm.compute()), rel=1e-3)
