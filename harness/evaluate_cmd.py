@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from harness.store import Store
+from harness.store import SAMPLE_COLUMNS, Store
 from trainers.names import did_you_mean
 
 __all__ = [
@@ -54,19 +54,8 @@ __all__ = [
 ALL_METRICS: tuple[str, ...] = ("fid", "kid", "cmmd", "clip_score", "domain_fid", "attr_acc")
 DEFAULT_METRICS = "fid,kid,cmmd,clip_score"
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-_SAMPLE_FIELDS = (
-    "path",
-    "tag",
-    "step",
-    "prompt_id",
-    "prompt",
-    "seed",
-    "steps",
-    "nfe",
-    "cfg",
-    "solver",
-    "shift",
-)
+# The samples columns a score needs to describe its images (not the hash or extras).
+_SAMPLE_FIELDS = tuple(c for c in SAMPLE_COLUMNS if c not in ("sha256", "extra"))
 
 
 class EvalError(ValueError):

@@ -1032,7 +1032,7 @@ SELECT ?, unnest(?), unnest(?), unnest(?), unnest(?)
 ON CONFLICT DO UPDATE SET value = excluded.value, time = excluded.time
 WHERE value IS DISTINCT FROM excluded.value
 """
-_SAMPLE_COLUMNS = (
+SAMPLE_COLUMNS = (
     "path",
     "tag",
     "step",
@@ -1048,11 +1048,11 @@ _SAMPLE_COLUMNS = (
     "extra",
 )
 _SAMPLES_UPSERT = f"""
-INSERT INTO samples (run_id, {", ".join(_SAMPLE_COLUMNS)})
-SELECT ?, {", ".join(["unnest(?)"] * len(_SAMPLE_COLUMNS))}
-ON CONFLICT DO UPDATE SET {", ".join(f"{c} = excluded.{c}" for c in _SAMPLE_COLUMNS[1:])}
-WHERE ({", ".join(_SAMPLE_COLUMNS[1:])})
-    IS DISTINCT FROM ({", ".join(f"excluded.{c}" for c in _SAMPLE_COLUMNS[1:])})
+INSERT INTO samples (run_id, {", ".join(SAMPLE_COLUMNS)})
+SELECT ?, {", ".join(["unnest(?)"] * len(SAMPLE_COLUMNS))}
+ON CONFLICT DO UPDATE SET {", ".join(f"{c} = excluded.{c}" for c in SAMPLE_COLUMNS[1:])}
+WHERE ({", ".join(SAMPLE_COLUMNS[1:])})
+    IS DISTINCT FROM ({", ".join(f"excluded.{c}" for c in SAMPLE_COLUMNS[1:])})
 """
 
 _INT = (int,)
@@ -1124,7 +1124,7 @@ def _read_metrics(path: Path) -> list[tuple[Any, ...]]:
 
 
 def _read_manifest(path: Path, samples_dir: Path) -> list[tuple[Any, ...]]:
-    """Validated sample rows in ``_SAMPLE_COLUMNS`` order, each file hashed (sha256)."""
+    """Validated sample rows in ``SAMPLE_COLUMNS`` order, each file hashed (sha256)."""
     rows: dict[str, tuple[Any, ...]] = {}
     for line, rec in _numbered_records(path):
         where = f"{path}: line {line}"
@@ -1147,7 +1147,7 @@ def _read_manifest(path: Path, samples_dir: Path) -> list[tuple[Any, ...]]:
             fields[k] = _float(fields[k])
         extra = {k: v for k, v in rec.items() if k not in _SAMPLE_FIELDS and k != "path"}
         fields.update(path=rel, sha256=digest, extra=to_json(extra, where) if extra else None)
-        rows[rel] = tuple(fields[c] for c in _SAMPLE_COLUMNS)
+        rows[rel] = tuple(fields[c] for c in SAMPLE_COLUMNS)
     return list(rows.values())
 
 
