@@ -69,8 +69,8 @@ def study_run(
     except KeyboardInterrupt:
         typer.echo("stopped; rerun the same command to resume", err=True)
         raise typer.Exit(130) from None
-    typer.echo(ablation_markdown(study, spec.metrics, spec.directions))
-    path = _write_html(study, spec.metrics, spec.directions, workdir, html)
+    typer.echo(ablation_markdown(study, spec.metrics, spec.directions, spec.baseline))
+    path = _write_html(study, spec.metrics, spec.directions, workdir, html, spec.baseline)
     typer.echo(f"HTML report with plots: {path}", err=True)
 
 
@@ -127,13 +127,15 @@ def _load(name: str, workdir: Path, storage: str | None = None):
         raise typer.Exit(EXIT_INVALID) from None
 
 
-def _write_html(study, metrics, directions, workdir: Path, out: Path | None) -> Path:
+def _write_html(
+    study, metrics, directions, workdir: Path, out: Path | None, baseline: dict | None = None
+) -> Path:
     from harness.report_html import write_report_html
     from harness.store import Store
 
     out = out or workdir / "reports" / f"{study.study_name}.html"
     store = Store(workdir / "harness.duckdb") if (workdir / "harness.duckdb").exists() else None
-    return write_report_html(study, metrics, directions, out, store)
+    return write_report_html(study, metrics, directions, out, store, baseline)
 
 
 @study_app.command("report")
@@ -150,6 +152,8 @@ def study_report(
     file adds the objective history, parameter slices and importances, metric-vs-step curves
     per trial, and the best trial's samples.
     """
+    import json
+
     from harness.report import ablation_markdown
 
     study = _load(name, workdir, storage)
@@ -159,8 +163,9 @@ def study_report(
         if row
         else (["objective"], [d.name.lower() for d in study.directions])
     )
-    typer.echo(ablation_markdown(study, metrics, directions))
-    path = _write_html(study, metrics, directions, workdir, html)
+    baseline = json.loads(row["spec"]).get("baseline") if row else None
+    typer.echo(ablation_markdown(study, metrics, directions, baseline))
+    path = _write_html(study, metrics, directions, workdir, html, baseline)
     typer.echo(f"HTML report with plots: {path}", err=True)
 
 

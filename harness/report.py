@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +49,13 @@ def _cell(values: list[float]) -> str:
 
 
 def ablation_markdown(
-    study: optuna.Study, metrics: Sequence[str], directions: Sequence[str]
+    study: optuna.Study,
+    metrics: Sequence[str],
+    directions: Sequence[str],
+    baseline: Mapping[str, Any] | None = None,
 ) -> str:
+    """The study report in Markdown. ``baseline``: parameters that pick the baseline trial(s)
+    (the study file's ``baseline:``); adds the steps every trial needs to reach it."""
     trials = study.get_trials(deepcopy=False)
     # A repeat reuses an earlier trial's result: counting it twice would fake a tighter interval.
     done = [t for t in trials if t.state == TrialState.COMPLETE and "repeat_of" not in t.user_attrs]
@@ -97,10 +102,55 @@ def ablation_markdown(
             lines.append(
                 "| " + " | ".join([_fmt(v), str(len(group)), _cell(obj), _fmt(best), *sec]) + " |"
             )
+    if baseline:
+        lines += _speedup(done, objective, directions[0], baseline)
     lines += _importances(study, done, objective, directions)
     lines += _best(study, done, metrics)
     lines += _all_trials(trials, metrics)
     return "\n".join(lines) + "\n"
+
+
+def steps_to_reach(curve: Mapping[int, float], target: float, direction: str) -> int | None:
+    """The first step at which ``curve`` (step -> objective, as reported to Optuna during
+    training) is at least as good as ``target``; None if it never is."""
+    for step in sorted(curve):
+        v = curve[step]
+        if v <= target if direction == "minimize" else v >= target:
+            return step
+    return None
+
+
+def _speedup(
+    done: list[optuna.trial.FrozenTrial],
+    objective: str,
+    direction: str,
+    baseline: Mapping[str, Any],
+) -> list[str]:
+    """Steps each trial needs to reach the baseline's final objective, and the speed-up (the
+    baseline's steps over the trial's). With several baseline trials the first is the target."""
+    base = [t for t in done if all(t.params.get(k) == v for k, v in baseline.items())]
+    spec = ", ".join(f"{k}={_fmt(v)}" for k, v in baseline.items())
+    lines = ["", f"## Steps to reach the baseline ({spec})", ""]
+    if not base or not base[0].intermediate_values:
+        return [*lines, "No complete baseline trial with intermediate values yet."]
+    ref = base[0]
+    ref_steps = max(ref.intermediate_values)
+    target = ref.intermediate_values[ref_steps]
+    lines.append(
+        f"Target: trial {ref.number}'s final {objective} = {_fmt(target)} at step {ref_steps}. "
+        "Steps are the evaluation steps the trainer reported, so they resolve no finer than "
+        "`eval.every`."
+    )
+    lines += ["", "| trial | parameters | steps to reach | speed-up |", "|---|---|---|---|"]
+    for t in done:
+        step = steps_to_reach(t.intermediate_values, target, direction)
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in t.params.items())
+        if step is None:
+            reached, speed = f"not within {max(t.intermediate_values, default=0)}", "-"
+        else:
+            reached, speed = str(step), f"{ref_steps / step:.2f}x" if step else "-"
+        lines.append(f"| {t.number} | {params} | {reached} | {speed} |")
+    return lines
 
 
 def importance_target(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import html
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -154,10 +154,12 @@ def write_report_html(
     directions: Sequence[str],
     out: str | Path,
     store: Store | None = None,
+    baseline: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the report to ``out`` (parents created) and return its path."""
     body = markdown.markdown(
-        ablation_markdown(study, metrics, directions), extensions=["tables", "fenced_code"]
+        ablation_markdown(study, metrics, directions, baseline),
+        extensions=["tables", "fenced_code"],
     )
     parts = [body]
     trials = store.trials(study.study_name) if store is not None else []  # read once

@@ -519,7 +519,17 @@ class Resources(_Strict):
         return tuple(v)
 
 
-_TOP_KEYS = ("name", "trainer", "base", "search", "objective", "trials", "optuna", "resources")
+_TOP_KEYS = (
+    "name",
+    "trainer",
+    "base",
+    "search",
+    "objective",
+    "trials",
+    "optuna",
+    "resources",
+    "baseline",
+)
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 # --------------------------------------------------------------------------------------------
@@ -540,6 +550,9 @@ class StudySpec(BaseModel):
     trials: int
     optuna: OptunaSettings
     resources: Resources
+    baseline: dict[str, Scalar] | None = None
+    """Parameters that identify the baseline trial(s) (e.g. ``{repa.weight: 0.0}``): the report
+    then shows the steps every other trial needs to reach the baseline's final objective."""
     path: Path
     """The study file, resolved."""
     sources: tuple[Path, ...]
@@ -1166,6 +1179,14 @@ def _parse_document(doc: dict[str, Any], path: Path, files: list[Path]) -> Study
         opt = opt.model_copy(update={"pruner": pruner})
     if res is not None:
         problems += _resources_problems(res)
+    baseline = doc.get("baseline")
+    if baseline is not None and not (isinstance(baseline, dict) and baseline):
+        problems.append(
+            f"baseline: expected a mapping of searched parameters to values, e.g. "
+            f"{{repa.weight: 0.0}}, got {_show(baseline)}"
+        )
+    elif baseline is not None:
+        problems += _enqueue_problems("baseline", baseline, search)
     if base is not None and trainer:
         base_ok = _validate(TRAINERS[trainer].config, base, "base", problems) is not None
         if base_ok and not cond:
@@ -1182,6 +1203,7 @@ def _parse_document(doc: dict[str, Any], path: Path, files: list[Path]) -> Study
         trials=doc["trials"],
         optuna=opt,
         resources=res,
+        baseline=baseline,
         path=path.resolve(),
         sources=tuple(files),
     )

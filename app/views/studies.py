@@ -52,7 +52,9 @@ def _report(db: str, workdir: str, name: str) -> dict[str, Any]:
             )
         )
     return {
-        "markdown": ablation_markdown(study, metrics, directions),
+        "markdown": ablation_markdown(
+            study, metrics, directions, (row["spec"] or {}).get("baseline")
+        ),
         "figures": figs,
         "curves": _curves(metrics, store, store.trials(name)),
     }
