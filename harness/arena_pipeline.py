@@ -420,23 +420,10 @@ def renders(store: Store, contestant: str | None = None) -> list[dict[str, Any]]
 @contextmanager
 def _progress(enabled: bool, console: Console | None, total: int, what: str) -> Iterator[Any]:
     """A rich progress bar; yields ``advance(n, note)``."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from harness.live import progress_bar
 
-    bar = Progress(
-        TextColumn(f"{what} [dim]{{task.fields[note]}}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not enabled or total == 0,
+    bar = progress_bar(
+        console, f"{what} [dim]{{task.fields[note]}}", disable=not enabled or total == 0
     )
     with bar:
         task = bar.add_task(what, total=total, note="")

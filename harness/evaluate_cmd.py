@@ -613,24 +613,9 @@ def _domain_scores(
 @contextmanager
 def rich_progress(console: Any) -> Iterator[Progress]:
     """A rich progress display; yields ``progress(description, total) -> on_batch(n)``."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from harness.live import progress_bar
 
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    ) as bar:
+    with progress_bar(console) as bar:
 
         def make(description: str, total: int) -> Callable[[int], None]:
             task = bar.add_task(description, total=total)

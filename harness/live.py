@@ -175,3 +175,26 @@ class StudyView:
         else:
             yield
         self.console.print(self.summary())
+
+
+def progress_bar(console: Any, label: str = "{task.description}", disable: bool = False) -> Any:
+    """The harness's rich progress bar for batch work (rendering, judging, feature extraction):
+    a label column, the bar, done/total, elapsed and remaining time."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=disable,
+    )
