@@ -203,17 +203,14 @@ class StudyRunner:
     def counts(self, study: optuna.Study) -> dict[str, int]:
         """Trial groups (one per run directory) by the state of their latest trial."""
         latest: dict[int, optuna.trial.FrozenTrial] = {}
-        queued = 0  # trials enqueued by the study file (optuna.enqueue), not started yet
         for t in study.get_trials(deepcopy=False):
             if t.state == TrialState.WAITING and "run_number" not in t.user_attrs:
-                queued += 1
-                continue
+                continue  # enqueued by the study file (optuna.enqueue), not started yet
             latest[self._group(t)] = t  # trials come in number order: the last one wins
         out = {s.name.lower(): 0 for s in TrialState}
         for t in latest.values():
             out[t.state.name.lower()] += 1
         out["groups"] = len(latest)
-        out["queued"] = queued
         return out
 
     def _should_start(self, study: optuna.Study, target: int) -> bool:
