@@ -138,25 +138,32 @@ def add_run_contestants(
     finals = {run_id: _final_dir(store, run_id) for run_id in dict.fromkeys(run_ids)}
     added = []
     for run_id, final in finals.items():
-        shift = _export_shift(final)
+        meta = _export_meta(final)
+        shift = float(meta["shift"])
+        run_solver, run_guidance = solver, float(guidance)
+        if meta.get("distill"):
+            # A distilled student samples with its method's sampler ("ode" is Euler) and the
+            # teacher's guidance baked in: it is rendered without classifier-free guidance.
+            sampler = meta["distill"]["sampler"]
+            run_solver, run_guidance = ("euler" if sampler == "ode" else sampler), 1.0
         for n in steps:
-            cid = contestant_id(run_id, solver, n, guidance)
+            cid = contestant_id(run_id, run_solver, n, run_guidance)
             parts = [label] if label else []
             if label and len(finals) > 1:
                 parts.append(run_id)
             if label and len(steps) > 1:
-                parts.append(f"{solver}-{n}")
+                parts.append(f"{run_solver}-{n}")
             created = store.add_contestant(
                 cid,
                 run_id=run_id,
                 label=" ".join(parts) if parts else None,
-                solver=solver,
+                solver=run_solver,
                 steps=n,
-                guidance=float(guidance),
+                guidance=run_guidance,
                 shift=shift,
                 extra={"final_dir": str(final)},
             )
-            added.append(AddedContestant(cid, run_id, solver, n, float(guidance), shift, created))
+            added.append(AddedContestant(cid, run_id, run_solver, n, run_guidance, shift, created))
     return added
 
 
@@ -180,10 +187,10 @@ def _final_dir(store: Store, run_id: str) -> Path:
     return final
 
 
-def _export_shift(final: Path) -> float:
+def _export_meta(final: Path) -> dict[str, Any]:
     import json
 
-    return float(json.loads((final / "harness.json").read_text())["shift"])
+    return json.loads((final / "harness.json").read_text())
 
 
 # -- prompts -------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from rich.console import Console
 
 from harness.launch import Outcome, TrainerProcess
 from harness.live import StudyView
-from harness.spec import StudySpec
+from harness.spec import SpecError, StudySpec
 from harness.store import Store, StoreError
 from trainers.rundir import RunDir
 
@@ -157,6 +157,48 @@ class Repeat(Exception):
         self.original = original
 
 
+TEACHER_REF = "best:"
+
+
+def resolve_teacher_ref(spec: StudySpec, store: Store) -> StudySpec:
+    """``base.teacher: best:NAME`` (a distillation study) -> the run directory of study NAME's
+    best complete trial in this work directory's store. Anything else is returned unchanged."""
+    teacher = spec.base.get("teacher")
+    if not (isinstance(teacher, str) and teacher.startswith(TEACHER_REF)):
+        return spec
+    name = teacher[len(TEACHER_REF) :]
+    hint = (
+        f"run the teacher's study first with the same --workdir, e.g. `harness study run "
+        f"studies/{name}.yaml`, or set base.teacher to a finished run directory"
+    )
+    rows = store.query("SELECT directions FROM studies WHERE name = ?", [name])
+    if not rows:
+        raise SpecError(
+            spec.path, [f"base.teacher: {teacher!r}: no study {name!r} in {store.path}; {hint}"]
+        )
+    directions = rows[0]["directions"]
+    if len(directions) != 1:
+        raise SpecError(
+            spec.path,
+            [
+                f"base.teacher: {teacher!r}: study {name!r} has {len(directions)} objectives, "
+                "so it has no single best trial; set base.teacher to a run directory"
+            ],
+        )
+    done = store.query(
+        "SELECT t.number, t.values[1] AS value, r.run_dir FROM trials t JOIN runs r USING (run_id) "
+        "WHERE t.study = ? AND t.state = 'complete' AND t.values IS NOT NULL",
+        [name],
+    )
+    if not done:
+        raise SpecError(
+            spec.path, [f"base.teacher: {teacher!r}: study {name!r} has no complete trial; {hint}"]
+        )
+    sign = 1.0 if directions[0] == "minimize" else -1.0
+    best = min(done, key=lambda r: (sign * r["value"], r["number"]))
+    return spec.model_copy(update={"base": {**spec.base, "teacher": best["run_dir"]}})
+
+
 class StudyRunner:
     def __init__(self, spec: StudySpec, workdir: Path, console: Console | None = None):
         self.spec = spec
@@ -165,6 +207,7 @@ class StudyRunner:
         # soft_wrap: event lines in a log file stay one line each, however long.
         self.console = console or Console(stderr=True, soft_wrap=True)
         self.store = Store(self.work.store)
+        self.spec = spec = resolve_teacher_ref(spec, self.store)
         self.url = spec.optuna.storage or self.work.optuna_url
         self.storage = make_storage(self.url)
         self.lock = threading.Lock()

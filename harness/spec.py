@@ -30,6 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from trainers.config import FlowConfig
+from trainers.distill.config import DistillConfig
 from trainers.names import did_you_mean
 
 if TYPE_CHECKING:
@@ -77,8 +78,18 @@ class Trainer:
     """Metric names the trainer writes; a study's objective must be one of them."""
 
 
+DISTILL_METRICS: frozenset[str] = frozenset(
+    [
+        *("train/loss", "train/images_per_s", "train/lr", "train/grad_norm", "eval/nfe"),
+        *SHAPES_ONLY_METRICS,
+    ]
+)
+"""The distillation trainer's metrics (trainers/distill/train.py; each method also logs its own
+``train/<term>`` values, not objectives)."""
+
 TRAINERS: dict[str, Trainer] = {
     "flow": Trainer(config=FlowConfig, module="trainers.flow", metrics=FLOW_METRICS),
+    "distill": Trainer(config=DistillConfig, module="trainers.distill", metrics=DISTILL_METRICS),
 }
 KNOWN_METRICS: frozenset[str] = frozenset().union(*(t.metrics for t in TRAINERS.values()))
 
@@ -1033,6 +1044,18 @@ def _resources_problems(res: Resources) -> list[str]:
 
 
 def _base_problems(base: dict[str, Any]) -> list[str]:
+    teacher = base.get("teacher")
+    if (
+        isinstance(teacher, str)
+        and not teacher.startswith("best:")
+        and not Path(teacher).expanduser().resolve().is_dir()
+    ):
+        return [
+            f"base.teacher: {teacher!r} does not exist (resolved "
+            f"{Path(teacher).expanduser().resolve()}, relative to the working directory); "
+            "give a finished flow run directory, or best:STUDY for the best trial of a "
+            "study run in the same work directory"
+        ]
     data = base.get("data")
     if not isinstance(data, dict) or data.get("kind") != "folder":
         return []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -222,7 +223,8 @@ def parse_config(data: dict[str, Any], source: str = "<dict>") -> FlowConfig:
         raise ConfigError(format_validation_error(err, source)) from None
 
 
-def load_config(path: str | Path) -> FlowConfig:
+def load_config(path: str | Path, parse: Callable[[dict[str, Any], str], Any] | None = None) -> Any:
+    """Read a JSON trainer config and validate it with ``parse`` (default: the flow config)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(
@@ -237,4 +239,4 @@ def load_config(path: str | Path) -> FlowConfig:
             f"trainer config {path} must hold a JSON object, got {type(data).__name__}"
         )
     data.pop("config_hash", None)  # config.json written by the harness carries its hash
-    return parse_config(data, str(path))
+    return (parse or parse_config)(data, str(path))

@@ -92,7 +92,26 @@ class ExportedModel:
         guidance: float = 3.0,
         shift: float | None = None,
     ) -> torch.Tensor:
-        """Images in [-1, 1], [N, 3, H, W]; one per (prompt, seed) pair, zipped."""
+        """Images in [-1, 1], [N, 3, H, W]; one per (prompt, seed) pair, zipped.
+
+        A distilled student (``harness.json`` has ``distill``) samples with its own method's
+        sampler and no guidance (it was distilled into it): ``solver`` and ``guidance`` must then
+        be left at their defaults or match (euler / the student's sampler, 1.0)."""
+        distilled = self.meta.get("distill")
+        if distilled:
+            from trainers.distill.base import generate_student
+
+            return generate_student(
+                self.denoiser,
+                self.text_encoder,
+                prompts,
+                seeds,
+                self.latent_shape,
+                sampler=distilled["sampler"],
+                steps=steps,
+                shift=self.shift if shift is None else shift,
+                vae=self.vae,
+            )
         return generate_images(
             self.denoiser,
             self.text_encoder,

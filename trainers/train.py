@@ -21,7 +21,7 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -204,18 +204,8 @@ class FlowTrainer:
         torch.manual_seed(cfg.seed)
         self.data = load_data(cfg, self.device)
         self.shift = resolve_shift(cfg.timesteps, cfg.data.resolution)
-        text_encoder = build_text_encoder(cfg.text, self.data.vocabulary).to(self.device)
-        c, h, _ = self.data.sample_shape
-        denoiser = build_denoiser(
-            cfg.model.backbone,
-            cfg.model.preset,
-            sample_size=h,
-            channels=c,
-            text_dim=text_encoder.dim,
-            pooled_dim=text_encoder.pooled_dim,
-            overrides=cfg.model.overrides,
-        )
-        self.net = FlowNet(denoiser, text_encoder).to(self.device)
+        self.net = self.build_net().to(self.device)
+        denoiser = self.net.denoiser
         self.ema = EMAModel(self.net.parameters(), decay=cfg.train.ema_decay)
         self.ema_net = self.net.ema_copy()
         # REPA's projector trains with the model (same optimizer, checkpointed) but is no part
@@ -241,6 +231,26 @@ class FlowTrainer:
         self.step = 0
         self.evaluator: Any = None
 
+    def build_net(self) -> FlowNet:
+        """The model to train: a freshly initialised backbone and the configured text encoder."""
+        cfg = self.cfg
+        text_encoder = build_text_encoder(cfg.text, self.data.vocabulary).to(self.device)
+        c, h, _ = self.data.sample_shape
+        denoiser = build_denoiser(
+            cfg.model.backbone,
+            cfg.model.preset,
+            sample_size=h,
+            channels=c,
+            text_dim=text_encoder.dim,
+            pooled_dim=text_encoder.pooled_dim,
+            overrides=cfg.model.overrides,
+        )
+        return FlowNet(denoiser, text_encoder)
+
+    def config_hash(self) -> str:
+        """The hash of the config this trainer was started with (checkpoints carry it)."""
+        return self.cfg.hash()
+
     def _wrap(self, net: nn.Module) -> nn.Module:
         model: nn.Module = net
         if self.dist.world > 1:
@@ -261,7 +271,7 @@ class FlowTrainer:
     def state(self) -> dict[str, Any]:
         return {
             "step": self.step,
-            "config_hash": self.cfg.hash(),
+            "config_hash": self.config_hash(),
             "net": self.net.state_dict(),
             "ema": self.ema.state_dict(),
             "optimizer": self.opt.state_dict(),
@@ -279,10 +289,10 @@ class FlowTrainer:
         ckpt = self.run.load_checkpoint()
         if ckpt is None:
             return False
-        if ckpt["config_hash"] != self.cfg.hash():
+        if ckpt["config_hash"] != self.config_hash():
             raise ConfigError(
                 f"{self.run.checkpoint} was written by a different config "
-                f"(hash {ckpt['config_hash']}, this one is {self.cfg.hash()}); "
+                f"(hash {ckpt['config_hash']}, this one is {self.config_hash()}); "
                 "use a new --run-dir or delete the old run directory"
             )
         self.net.load_state_dict(ckpt["net"])
@@ -291,11 +301,15 @@ class FlowTrainer:
         self.ema.load_state_dict(ckpt["ema"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
+        self.load_extra_state(ckpt)
         torch.set_rng_state(ckpt["torch_rng"])
         self.step = int(ckpt["step"])
         if self.dist.main:
             self.run.truncate_after(self.step)
         return True
+
+    def load_extra_state(self, ckpt: dict[str, Any]) -> None:
+        """What a subclass adds to :meth:`state` beyond the flow trainer's own."""
 
     # -- one step ---------------------------------------------------------------------------
     def train_step(self) -> tuple[float, float]:
@@ -437,6 +451,10 @@ class FlowTrainer:
 
         return gen
 
+    def sample_meta(self) -> dict[str, Any]:
+        """Extra manifest fields of the saved samples (a subclass's)."""
+        return {}
+
     @property
     def sample_shift(self) -> float:
         return self.shift if self.cfg.sample.shift is None else self.cfg.sample.shift
@@ -459,7 +477,7 @@ class FlowTrainer:
             "solver": s.solver,
             "steps": s.steps,
             "shift": self.sample_shift,
-        }
+        } | self.sample_meta()
         write_samples(self.run, tag, pairs, images, meta)
 
     # -- export -------------------------------------------------------------------------------
@@ -468,7 +486,7 @@ class FlowTrainer:
             return
         net = self.ema_model()
         info = {
-            "config_hash": self.cfg.hash(),
+            "config_hash": self.config_hash(),
             "step": self.step,
             "latent_shape": list(self.data.sample_shape),
             "resolution": self.cfg.data.resolution,
@@ -477,8 +495,12 @@ class FlowTrainer:
             "timesteps": self.cfg.timesteps.model_dump(mode="json"),
             "text_encoder": self.cfg.text.encoder,
             "weights": "ema",
-        }
+        } | self.export_info()
         save_export(self.run.final, net.denoiser, net.text_encoder, shift=self.shift, info=info)
+
+    def export_info(self) -> dict[str, Any]:
+        """Extra ``harness.json`` fields (a subclass's)."""
+        return {}
 
     # -- the loop -----------------------------------------------------------------------------
     def fit(self) -> None:
@@ -547,12 +569,15 @@ class FlowTrainer:
 # entry point
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def parse_args(
+    argv: Sequence[str] | None,
+    prog: str = "python -m trainers.flow",
+    description: str = "Train a text-to-image rectified-flow model and write its run directory.",
+) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m trainers.flow",
-        description="Train a text-to-image rectified-flow model and write its run directory.",
-        epilog="example: python -m trainers.flow "
-        "--config studies/configs/shapes-tiny.json --run-dir runs/tiny",
+        prog=prog,
+        description=description,
+        epilog=f"example: {prog} --config CONFIG.json --run-dir runs/NAME",
     )
     p.add_argument("--config", required=True, help="JSON trainer config (see trainers/config.py)")
     p.add_argument(
@@ -565,8 +590,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 class Session:
     """What the signal handler and the error paths need: the trainer, once it exists."""
 
-    def __init__(self, cfg: FlowConfig, run: RunDir, dist_: Dist):
+    def __init__(
+        self,
+        cfg: Any,
+        run: RunDir,
+        dist_: Dist,
+        make_trainer: Callable[[Any, RunDir, Dist], FlowTrainer] = FlowTrainer,
+    ):
         self.cfg, self.run, self.dist = cfg, run, dist_
+        self.make_trainer = make_trainer
         self.trainer: FlowTrainer | None = None
 
     def on_signal(self, signum: int, _frame: Any) -> None:
@@ -582,14 +614,15 @@ class Session:
         cfg, run, dist_ = self.cfg, self.run, self.dist
         try:
             _check_config_matches(cfg, run, dist_)
-            self.trainer = trainer = FlowTrainer(cfg, run, dist_)
+            self.trainer = trainer = self.make_trainer(cfg, run, dist_)
             resumed = trainer.try_resume()
             if dist_.main:
                 run.clear_status()
                 n = count_parameters(trainer.net.denoiser)
                 what = f"resuming at step {trainer.step}" if resumed else "starting"
                 print(
-                    f"{what}: {cfg.model.backbone}/{cfg.model.preset} {n / 1e6:.2f}M params, "
+                    f"{what}: {trainer.cfg.model.backbone}/{trainer.cfg.model.preset} "
+                    f"{n / 1e6:.2f}M params, "
                     f"shift {trainer.shift:.3f}, device {dist_.device}, world {dist_.world}",
                     flush=True,
                 )
@@ -628,11 +661,20 @@ class Session:
         return code
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    prog: str = "python -m trainers.flow",
+    description: str = "Train a text-to-image rectified-flow model and write its run directory.",
+    load: Callable[[str], Any] = load_config,
+    make_trainer: Callable[[Any, RunDir, Dist], FlowTrainer] = FlowTrainer,
+) -> int:
+    """The trainer process: parse arguments, load the config, train, write the run directory.
+    The distillation trainer reuses it with its own config loader and trainer class."""
+    args = parse_args(argv, prog, description)
     run = RunDir(args.run_dir)
     try:
-        cfg = load_config(args.config)
+        cfg = load(args.config)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -641,7 +683,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run.create()
         if not os.environ.get("HARNESS_CAPTURED"):
             tee_output(run.stdout, run.stderr)
-    session = Session(cfg, run, dist_)
+    session = Session(cfg, run, dist_, make_trainer)
     signal.signal(signal.SIGTERM, session.on_signal)
     signal.signal(signal.SIGINT, session.on_signal)
     try:
@@ -651,7 +693,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             dist.destroy_process_group()
 
 
-def _check_config_matches(cfg: FlowConfig, run: RunDir, dist_: Dist) -> None:
+def _check_config_matches(cfg: Any, run: RunDir, dist_: Dist) -> None:
     """config.json in the run dir is the record of what ran; a different config is refused."""
     existing = run.read_config()
     if existing is not None and existing.get("config_hash") not in (None, cfg.hash()):

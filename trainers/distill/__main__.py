@@ -1,0 +1,3 @@
+from trainers.distill.train import run
+
+raise SystemExit(run())
