@@ -72,12 +72,24 @@ def _tail(path: Path, chars: int = STDERR_TAIL_CHARS) -> str:
 class TrainerProcess:
     """One trainer run: start, follow metrics, stop on request, classify the outcome."""
 
-    def __init__(self, module: str, run_dir: Path, devices: list[str] | None, gpus: int = 1):
+    def __init__(
+        self,
+        module: str,
+        run_dir: Path,
+        devices: list[str] | None,
+        gpus: int = 1,
+        cpu_threads: int | None = None,
+    ):
+        """devices: GPU ids (CUDA_VISIBLE_DEVICES), or None for a CPU slot. cpu_threads: the
+        intra-op threads of a CPU trainer (OMP_NUM_THREADS), so that trials sharing the CPU do
+        not oversubscribe it; a user's own OMP_NUM_THREADS wins."""
         self.run = RunDir(run_dir)
         self.cmd = trainer_command(module, run_dir, gpus)
         self.env = {**os.environ, "HARNESS_CAPTURED": "1", "PYTHONUNBUFFERED": "1"}
         if devices is not None:
             self.env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+        elif cpu_threads is not None and "OMP_NUM_THREADS" not in os.environ:
+            self.env["OMP_NUM_THREADS"] = str(cpu_threads)
         repo = str(Path(__file__).resolve().parents[1])
         self.env["PYTHONPATH"] = os.pathsep.join(
             p for p in (repo, os.environ.get("PYTHONPATH")) if p

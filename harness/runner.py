@@ -146,6 +146,14 @@ def device_slots(spec: StudySpec) -> list[list[str] | None]:
     return [g for g in groups for _ in range(res.trials_per_device)]
 
 
+def cpu_threads_per_trial(cpu_slots: int) -> int | None:
+    """The usable cores divided among ``cpu_slots`` concurrent CPU trials (None: no CPU slot)."""
+    if cpu_slots == 0:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // cpu_slots)
+
+
 class TrialFailed(RuntimeError):
     pass
 
@@ -216,6 +224,7 @@ class StudyRunner:
         self.errors: list[BaseException] = []
         self.host = socket.gethostname()
         self.view: StudyView | None = None
+        self.cpu_threads: int | None = None
 
     # -- study --------------------------------------------------------------------------------
     def open_study(self) -> optuna.Study:
@@ -292,6 +301,9 @@ class StudyRunner:
         self.recover_orphans(study)
         target = n_trials if n_trials is not None else self.spec.trials
         slots = device_slots(self.spec)
+        # CPU slots share the cores: each trainer gets its share of intra-op threads (two
+        # trainers of two threads each on two cores run several times slower than one).
+        self.cpu_threads = cpu_threads_per_trial(sum(s is None for s in slots))
         c = self.counts(study)
         self.console.print(
             f"study [bold]{self.spec.name}[/]: {c['complete']} complete, {c['pruned']} pruned, "
@@ -434,7 +446,11 @@ class StudyRunner:
             run_id=run_id,
         )
         proc = TrainerProcess(
-            self.spec.trainer_info.module, run.root, slot, gpus=len(slot) if slot else 1
+            self.spec.trainer_info.module,
+            run.root,
+            slot,
+            gpus=len(slot) if slot else 1,
+            cpu_threads=self.cpu_threads,
         )
         proc.start()
         (run.root / RUNNER_FILE).write_text(
