@@ -134,13 +134,22 @@ def _speedup(
     if not base or not base[0].intermediate_values:
         return [*lines, "No complete baseline trial with intermediate values yet."]
     ref = base[0]
-    ref_steps = max(ref.intermediate_values)
-    target = ref.intermediate_values[ref_steps]
+    last = max(ref.intermediate_values)
+    target = ref.intermediate_values[last]
+    # The speed-up divides by the baseline's *own* first step at that value, the same rule as
+    # every other trial's: a noisy baseline curve that dipped below its final value earlier
+    # would otherwise credit every setting (and the baseline itself) with a speed-up.
+    ref_steps = steps_to_reach(ref.intermediate_values, target, direction) or last
     lines.append(
-        f"Target: trial {ref.number}'s final {objective} = {_fmt(target)} at step {ref_steps}. "
+        f"Target: trial {ref.number}'s final {objective} = {_fmt(target)} at step {last}. "
         "Steps are the evaluation steps the trainer reported, so they resolve no finer than "
         "`eval.every`."
     )
+    if ref_steps != last:
+        lines.append(
+            f"The baseline's curve is not monotone: it first reached that value at step "
+            f"{ref_steps}, which is the baseline's step count the speed-ups divide."
+        )
     lines += ["", "| trial | parameters | steps to reach | speed-up |", "|---|---|---|---|"]
     for t in done:
         step = steps_to_reach(t.intermediate_values, target, direction)

@@ -13,6 +13,7 @@ import yaml
 from rich.console import Console
 
 from harness.arena_pipeline import add_run_contestants, load_prompts, render_contestants
+from harness.report import ablation_markdown
 from harness.runner import StudyRunner, resolve_teacher_ref
 from harness.spec import SpecError, load_study
 from harness.store import Store
@@ -21,7 +22,7 @@ from tests.harness.test_runner import write_study
 pytestmark = pytest.mark.slow
 
 
-def distill_study(path: Path, teacher: str, methods: list[str]) -> Path:
+def distill_study(path: Path, teacher: str, methods: list[str], **extra: object) -> Path:
     study = {
         "name": path.stem,
         "trainer": "distill",
@@ -36,6 +37,7 @@ def distill_study(path: Path, teacher: str, methods: list[str]) -> Path:
         "objective": {"metric": "domain_fid", "direction": "minimize"},
         "trials": len(methods),
         "optuna": {"sampler": "grid", "pruner": "none", "seed": 0},
+        **extra,
     }
     path.write_text(yaml.safe_dump(study))
     return path
@@ -69,12 +71,32 @@ def test_distill_study_on_the_best_teacher_then_arena(tmp_path: Path) -> None:
     work = tmp_path / "work"
     teach = load_study(write_study(tmp_path / "teach.yaml", {"timesteps.shift": [2.0]}, 1, steps=8))
     StudyRunner(teach, work, console=Console(file=io.StringIO())).run()
+    # The multi-objective variant (as studies/distill-pareto.yaml): quality against NFE.
     spec = load_study(
-        distill_study(tmp_path / "students.yaml", "best:teach", ["progressive", "dmd"])
+        distill_study(
+            tmp_path / "students.yaml",
+            "best:teach",
+            ["progressive", "dmd"],
+            objective=[
+                {"metric": "domain_fid", "direction": "minimize"},
+                {"metric": "eval/nfe", "direction": "minimize"},
+            ],
+            optuna={
+                "sampler": "nsga2",
+                "pruner": "none",
+                "seed": 0,
+                "enqueue": [{"distill.method": "progressive"}, {"distill.method": "dmd"}],
+            },
+        )
     )
     log = io.StringIO()
     study = StudyRunner(spec, work, console=Console(file=log, width=200)).run()
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"], log.getvalue()
+    report = ablation_markdown(study, spec.metrics, spec.directions)
+    front = report.split("## Pareto front", 1)[1]
+    best = min(study.trials, key=lambda t: t.values[0])
+    assert f"- trial {best.number}: " in front  # same NFE: the lower FID dominates
+    assert all(t.values[1] == 1.0 for t in study.trials)  # eval/nfe = distill.steps
 
     store = Store(work / "harness.duckdb")
     teacher_trials = store.trials("teach")

@@ -48,6 +48,20 @@ def test_report_shows_steps_to_reach_the_baseline_and_the_speed_up() -> None:
     assert "Steps to reach" not in ablation_markdown(study, ["domain_fid"], ["minimize"])
 
 
+def test_speed_up_uses_the_baselines_own_first_step_at_its_final_value() -> None:
+    """A noisy baseline (below its final value at step 200) is not its own 2x speed-up."""
+    study = _study(
+        {
+            0.0: {100: 300.0, 200: 190.0, 300: 220.0, 400: 200.0},
+            0.5: {100: 199.0, 200: 150.0, 300: 150.0, 400: 140.0},
+        }
+    )
+    md = ablation_markdown(study, ["domain_fid"], ["minimize"], {"repa.weight": 0.0})
+    assert "first reached that value at step 200" in md
+    assert "| 0 | repa.weight=0 | 200 | 1.00x |" in md
+    assert "| 1 | repa.weight=0.5 | 100 | 2.00x |" in md
+
+
 def test_report_without_a_finished_baseline_says_so() -> None:
     study = _study({0.5: {100: 1.0}})
     md = ablation_markdown(study, ["domain_fid"], ["minimize"], {"repa.weight": 0.0})

@@ -159,8 +159,9 @@ class DistillMethod(nn.Module):
     def student_loss(
         self, batch: Batch, gen: torch.Generator, step: int
     ) -> tuple[Tensor, dict[str, float]]:
-        """The student's loss at ``step`` (0-based), with its graph, and metrics to log
-        (``train/<name>``). Every random draw must come from ``gen`` (resume = uninterrupted)."""
+        """The student's loss at ``step`` (0-based), with its graph, and metrics to log under
+        their full names (e.g. ``train/round``; averaged between log lines). Every random draw
+        must come from ``gen`` (resume = uninterrupted)."""
         raise NotImplementedError
 
     def after_student_step(self, step: int) -> None:
