@@ -359,6 +359,10 @@ class FlowTrainer:
         """The clean images for the REPA encoder: latents are decoded by the frozen VAE."""
         return self.data.vae.decode(x0) if self.data.latent else x0
 
+    def extra_metrics(self) -> dict[str, float]:
+        """Metrics logged with each ``train/loss`` line beyond the flow trainer's own."""
+        return self._repa_metrics()
+
     def _repa_metrics(self) -> dict[str, float]:
         """``train/repa_loss``: mean -cos of the steps since the last log line."""
         if not self._repa_window:
@@ -527,7 +531,7 @@ class FlowTrainer:
                                 "train/lr": self.sched.get_last_lr()[0],
                                 "train/grad_norm": grad_norm,
                             }
-                            | self._repa_metrics(),
+                            | self.extra_metrics(),
                         )
                     progress.set_rate(ips)
                     progress.log_line(self.step, window_loss / window_n, ips)

@@ -176,7 +176,7 @@ class DistillTrainer(FlowTrainer):
         self.method.after_student_step(self.step)
         return value, grad_norm
 
-    def _repa_metrics(self) -> dict[str, float]:
+    def extra_metrics(self) -> dict[str, float]:
         """The method's own metrics, averaged over the steps since the last log line."""
         out = {k: sum(v) / len(v) for k, v in self._window.items() if v}
         self._window.clear()
