@@ -216,9 +216,13 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def parse_config(data: dict[str, Any], source: str = "<dict>") -> FlowConfig:
+def parse_config(
+    data: dict[str, Any], source: str = "<dict>", model: type[BaseModel] = FlowConfig
+) -> Any:
+    """Validate a trainer config (``model``: the flow trainer's unless given); errors name
+    every bad key path."""
     try:
-        return FlowConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source)) from None
 

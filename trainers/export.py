@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,26 +141,48 @@ def generate_images(
     batch_size: int = 64,
 ) -> torch.Tensor:
     """Sample in batches; the result does not depend on ``batch_size`` (per-item noise)."""
-    if len(prompts) != len(seeds):
-        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    device = next(denoiser.parameters()).device
-    was_training = denoiser.training
-    denoiser.eval()
     uncond = text_encoder([""])
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        p, s = list(prompts[i : i + batch_size]), list(seeds[i : i + batch_size])
-        noise = initial_noise(s, latent_shape).to(device)
-        x = sample(
+
+    def sample_batch(noise: torch.Tensor, cond: Any, _seeds: list[int]) -> torch.Tensor:
+        return sample(
             denoiser,
             noise,
-            text_encoder(p),
+            cond,
             uncond,
             steps=steps,
             shift=shift,
             solver=solver,
             guidance=guidance,
         )
+
+    return generate_batched(
+        denoiser, text_encoder, prompts, seeds, latent_shape, sample_batch, vae, batch_size
+    )
+
+
+def generate_batched(
+    denoiser: torch.nn.Module,
+    text_encoder: torch.nn.Module,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    latent_shape: tuple[int, ...],
+    sample_batch: Callable[[torch.Tensor, Any, list[int]], torch.Tensor],
+    vae: Any = None,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Images in [-1, 1] for (prompt, seed) pairs, ``batch_size`` at a time, in eval mode:
+    ``sample_batch(noise, text embeddings, seeds)`` maps each item's own initial noise (a
+    function of its seed alone) to a sample, which the VAE decodes when there is one."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    device = next(denoiser.parameters()).device
+    was_training = denoiser.training
+    denoiser.eval()
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        p, s = list(prompts[i : i + batch_size]), list(seeds[i : i + batch_size])
+        noise = initial_noise(s, latent_shape).to(device)
+        x = sample_batch(noise, text_encoder(p), s)
         out.append((vae.decode(x) if vae is not None else x).clamp(-1, 1).cpu())
     denoiser.train(was_training)
     return torch.cat(out)

@@ -340,6 +340,12 @@ class FlowTrainer:
         reduced = self._all_reduce_mean(out.loss.detach().float())
         if not math.isfinite(reduced) or not math.isfinite(sum(self._repa_window[-1:])):
             raise NonFiniteLoss(f"non-finite loss ({reduced}) at step {self.step + 1}")
+        grad_norm = self.optimizer_step(loss)
+        return reduced, grad_norm
+
+    def optimizer_step(self, loss: torch.Tensor) -> float:
+        """Back-propagate ``loss``, clip, step the optimizer, the schedule and the EMA, count
+        the step; returns the gradient norm before clipping."""
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.repa is not None and self.dist.world > 1:
@@ -347,13 +353,13 @@ class FlowTrainer:
             for p in self.repa.parameters():
                 dist.all_reduce(p.grad)
                 p.grad /= self.dist.world
-        clip = cfg.train.grad_clip if cfg.train.grad_clip is not None else float("inf")
+        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip is not None else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
         self.opt.step()
         self.sched.step()
         self.ema.step(self.net.parameters())
         self.step += 1
-        return reduced, grad_norm
+        return grad_norm
 
     def _pixels(self, x0: torch.Tensor) -> torch.Tensor:
         """The clean images for the REPA encoder: latents are decoded by the frozen VAE."""

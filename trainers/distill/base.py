@@ -240,26 +240,16 @@ def generate_student(
     batch_size: int = 64,
 ) -> torch.Tensor:
     """A student's images in [-1, 1] for (prompt, seed) pairs; independent of ``batch_size``."""
-    if len(prompts) != len(seeds):
-        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    device = next(denoiser.parameters()).device
-    was_training = denoiser.training
-    denoiser.eval()
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        p, s = list(prompts[i : i + batch_size]), list(seeds[i : i + batch_size])
-        x = sample_student(
-            denoiser,
-            initial_noise(s, latent_shape).to(device),
-            text_encoder(p),
-            sampler=sampler,
-            steps=steps,
-            shift=shift,
-            seeds=s,
+    from trainers.export import generate_batched
+
+    def sample_batch(noise: Tensor, text: TextEmbeddings, s: list[int]) -> Tensor:
+        return sample_student(
+            denoiser, noise, text, sampler=sampler, steps=steps, shift=shift, seeds=s
         )
-        out.append((vae.decode(x) if vae is not None else x).clamp(-1, 1).cpu())
-    denoiser.train(was_training)
-    return torch.cat(out)
+
+    return generate_batched(
+        denoiser, text_encoder, prompts, seeds, latent_shape, sample_batch, vae, batch_size
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,17 +13,16 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from trainers.config import (
-    ConfigError,
     DataConfig,
     EvalConfig,
     SampleConfig,
     Strict,
     TrainConfig,
-    format_validation_error,
     load_config,
+    parse_config,
 )
 
 Method = Literal["progressive", "consistency", "reflow", "dmd", "add"]
@@ -149,10 +148,7 @@ class DistillConfig(Strict):
 
 
 def parse_distill_config(data: dict[str, Any], source: str = "<dict>") -> DistillConfig:
-    try:
-        return DistillConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source)) from None
+    return parse_config(data, source, DistillConfig)
 
 
 def load_distill_config(path: str | Path) -> DistillConfig:

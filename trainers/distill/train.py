@@ -165,14 +165,7 @@ class DistillTrainer(FlowTrainer):
             raise NonFiniteLoss(f"non-finite loss ({value}, {metrics}) at step {self.step + 1}")
         for k, v in metrics.items():
             self._window.setdefault(k, []).append(v)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        clip = cfg.train.grad_clip if cfg.train.grad_clip is not None else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
-        self.opt.step()
-        self.sched.step()
-        self.ema.step(self.net.parameters())
-        self.step += 1
+        grad_norm = self.optimizer_step(loss)
         self.method.after_student_step(self.step)
         return value, grad_norm
 
