@@ -60,10 +60,12 @@ def study_run(
 
     try:
         spec = load_study(file)
+        # The runner resolves references into the work directory (teacher: best:STUDY), which
+        # can fail the same way: exit 2 with the message, nothing launched.
+        runner = StudyRunner(spec, workdir)
     except SpecError as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(EXIT_INVALID) from None
-    runner = StudyRunner(spec, workdir)
     try:
         study = runner.run(n_trials=trials)
     except KeyboardInterrupt:

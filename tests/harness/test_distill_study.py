@@ -62,6 +62,19 @@ def test_teacher_ref_resolves_to_the_best_trial_or_says_what_is_missing(tmp_path
     assert resolve_teacher_ref(plain, store) is plain
 
 
+def test_study_run_without_the_teacher_study_exits_2_with_the_fix(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from harness.cli import app
+
+    study = distill_study(tmp_path / "d.yaml", "best:timestep", ["progressive"])
+    result = CliRunner().invoke(app, ["study", "run", str(study), "--workdir", str(tmp_path / "w")])
+    assert result.exit_code == 2, result.output
+    assert "no study 'timestep'" in result.output
+    assert "harness study run studies/timestep.yaml" in result.output
+    assert not (tmp_path / "w" / "runs").exists()
+
+
 def test_missing_teacher_path_fails_the_check(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match=r"base\.teacher: .* does not exist"):
         load_study(distill_study(tmp_path / "d.yaml", str(tmp_path / "nope"), ["progressive"]))
