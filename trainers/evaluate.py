@@ -37,6 +37,7 @@ class ShapesEvaluator:
             sample_attrs(cfg.data.seed, "heldout", _EVAL_INDEX_OFFSET + i)
             for i in range(max(2, n // 2))
         ]
+        self.reference = ref  # (mean, covariance) of the real images' features
         self._metrics = lambda: DomainMetrics(self.net, ref)
 
     def run(self, generate: GenerateFn) -> dict[str, float]:
