@@ -204,20 +204,35 @@ def sample_student(
     per item from ``(seed, k)`` so that a (prompt, seed) pair gives the same image in any batch.
     """
     ts = sampling_schedule(steps, shift).tolist()
-    b = noise.shape[0]
     x = noise.float()
+    if sampler == "consistency":
+        shape = tuple(x.shape[1:])
+        return consistency_walk(
+            student, x, text, ts, lambda k: renoise_noise(seeds, k, shape).to(x.device)
+        )
+    b = noise.shape[0]
+    for t, t_next in itertools.pairwise(ts):
+        tt = torch.full((b,), t, device=x.device)
+        x = x + (t_next - t) * student(x, tt, text).float()
+    return x
+
+
+def consistency_walk(
+    student: Callable[[Tensor, Tensor, TextEmbeddings], Tensor],
+    x: Tensor,
+    text: TextEmbeddings,
+    ts: Sequence[float],
+    fresh: Callable[[int], Tensor],
+) -> Tensor:
+    """Multistep consistency sampling over the descending grid ``ts`` from ``x`` at ``ts[0]``:
+    at each ``t_k`` take ``x0_hat = x - t_k v``, then re-noise it to ``t_{k+1}`` with the noise
+    ``fresh(k)``, or return it when ``t_{k+1}`` is 0. The student's sampler and DMD/ADD's
+    backward simulation (which draws its noise from the step's generator) share it."""
+    b = x.shape[0]
     for k, (t, t_next) in enumerate(itertools.pairwise(ts)):
         tt = torch.full((b,), t, device=x.device)
-        v = student(x, tt, text).float()
-        if sampler == "ode":
-            x = x + (t_next - t) * v
-            continue
-        x0 = x0_from_velocity(x, tt, v)
-        if t_next <= 0:
-            x = x0
-        else:
-            eps = renoise_noise(seeds, k, tuple(x.shape[1:])).to(x.device)
-            x = (1.0 - t_next) * x0 + t_next * eps
+        x0 = x0_from_velocity(x, tt, student(x, tt, text).float())
+        x = x0 if t_next <= 0 else (1.0 - t_next) * x0 + t_next * fresh(k)
     return x
 
 

@@ -44,7 +44,6 @@ Adaptations (stated where they happen):
 from __future__ import annotations
 
 import copy
-import itertools
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -56,6 +55,7 @@ from trainers.distill.base import (
     Context,
     DistillMethod,
     StudentSampler,
+    consistency_walk,
     noise_to,
     teacher_pairs,
     x0_from_velocity,
@@ -96,13 +96,14 @@ def _student_x0(
     shape = (n, *ctx.sample_shape)
     eps = torch.randn(shape, generator=gen).to(ctx.device)
     if real is None:
-        x = eps
         with torch.no_grad():
-            for t, t_next in itertools.pairwise(grid[: k + 1]):
-                tt = torch.full((n,), t, device=ctx.device)
-                x0 = x0_from_velocity(x, tt, ctx.student(x, tt, text).float())
-                fresh = torch.randn(shape, generator=gen).to(ctx.device)
-                x = (1.0 - t_next) * x0 + t_next * fresh
+            x = consistency_walk(
+                ctx.student,
+                eps,
+                text,
+                grid[: k + 1],
+                lambda _k: torch.randn(shape, generator=gen).to(ctx.device),
+            )
     else:
         x = noise_to(real.float(), eps, torch.full((n,), grid[k], device=ctx.device))
     t_k = torch.full((n,), grid[k], device=ctx.device)
