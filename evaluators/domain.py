@@ -59,6 +59,7 @@ __all__ = [
     "AttributeNet",
     "AttributeNetRecipe",
     "DomainMetrics",
+    "PerImage",
     "attribute_net_path",
     "attribute_net_report",
     "default_cache_dir",
@@ -577,6 +578,15 @@ def _run_chunk(net: AttributeNet, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]
     return feats[:n].double().cpu(), {k: v[:n] for k, v in logits.items()}
 
 
+@dataclass(frozen=True)
+class PerImage:
+    """Per-image results of :class:`DomainMetrics`, rows in the order images were added."""
+
+    features: np.ndarray  # [N, F] float64: the net's penultimate features (not shifted)
+    labels: np.ndarray  # [N, A] int64: the caption labels, columns in ATTRIBUTE_NAMES order
+    correct: np.ndarray  # [N, A] bool: the net's prediction equals the caption label
+
+
 class DomainMetrics:
     """Domain FID and per-attribute accuracy of generated images (torchmetrics-style).
 
@@ -588,6 +598,10 @@ class DomainMetrics:
 
     ``reference``: ``(mu [F], sigma [F, F])`` of real images, e.g. from :func:`reference_stats`.
     The net is put into eval mode.
+
+    ``keep_per_image=True`` also keeps every image's features and correctness for
+    :meth:`per_image` (for paired, per-image comparisons of two models); the metrics are the
+    same with or without it.
     """
 
     higher_is_better: ClassVar[dict[str, bool]] = {
@@ -597,8 +611,11 @@ class DomainMetrics:
         "attr_all_correct": True,
     }
 
-    def __init__(self, net: AttributeNet, reference: tuple[Any, Any]):
+    def __init__(
+        self, net: AttributeNet, reference: tuple[Any, Any], *, keep_per_image: bool = False
+    ):
         self.net = net.eval()
+        self.keep_per_image = keep_per_image
         mu, sigma = reference
         self._ref_mu = torch.as_tensor(_as_f64(mu, "reference mu"))
         self._ref_sigma = torch.as_tensor(_as_f64(sigma, "reference sigma"))
@@ -622,6 +639,9 @@ class DomainMetrics:
         self._all_correct = 0
         self._pending_x: Tensor | None = None  # [<_CHUNK, 3, 32, 32] preprocessed, net device
         self._pending_y: Tensor | None = None  # [<_CHUNK, 5] CPU long
+        # keep_per_image: (features [n, F] float64, labels [n, 5], hit [n, 5] bool) per chunk
+        self._rows: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._pending_cache: tuple[Tensor, Tensor] | None = None  # _chunk_rows of the buffer
 
     @torch.no_grad()
     def update(self, images: Tensor, labels: Tensor) -> None:
@@ -648,17 +668,32 @@ class DomainMetrics:
             x, y = torch.cat([self._pending_x, x]), torch.cat([self._pending_y, y])
         full = len(x) // _CHUNK * _CHUNK
         for i in range(0, full, _CHUNK):
-            self._accumulate(*self._chunk_stats(x[i : i + _CHUNK], y[i : i + _CHUNK]))
+            feats, hit = self._chunk_rows(x[i : i + _CHUNK], y[i : i + _CHUNK])
+            self._accumulate(*self._chunk_stats(feats, hit))
+            if self.keep_per_image:
+                self._rows.append((feats, y[i : i + _CHUNK].clone(), hit))
         self._pending_x = x[full:].clone() if full < len(x) else None
         self._pending_y = y[full:].clone() if full < len(y) else None
+        self._pending_cache = None
 
-    def _chunk_stats(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, int, Tensor, int]:
+    def _pending_rows(self) -> tuple[Tensor, Tensor]:
+        """``_chunk_rows`` of the buffered partial chunk, computed once per buffer content."""
+        assert self._pending_x is not None and self._pending_y is not None
+        if self._pending_cache is None:
+            self._pending_cache = self._chunk_rows(self._pending_x, self._pending_y)
+        return self._pending_cache
+
+    def _chunk_rows(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Features ``[n, F]`` float64 CPU and correctness ``[n, 5]`` bool of one chunk."""
         feats, logits = _run_chunk(self.net, x)
-        feats = feats - self._ref_mu  # [n, F] float64
         hit = torch.stack(
             [logits[name].argmax(1).cpu() == y[:, j] for j, name in enumerate(ATTRIBUTE_NAMES)], 1
         )  # [n, 5] bool
-        return feats.sum(0), feats.T @ feats, len(x), hit.sum(0), int(hit.all(1).sum())
+        return feats, hit
+
+    def _chunk_stats(self, feats: Tensor, hit: Tensor) -> tuple[Tensor, Tensor, int, Tensor, int]:
+        feats = feats - self._ref_mu  # [n, F] float64
+        return feats.sum(0), feats.T @ feats, len(feats), hit.sum(0), int(hit.all(1).sum())
 
     def _accumulate(self, s: Tensor, outer: Tensor, n: int, correct: Tensor, all_ok: int) -> None:
         self._sum += s
@@ -681,7 +716,7 @@ class DomainMetrics:
         s, outer, n = self._sum.clone(), self._outer.clone(), self._count
         correct, all_ok = self._correct.clone(), self._all_correct
         if self._pending_x is not None:  # the partial chunk, without consuming it
-            ps, pouter, pn, pcorrect, pall = self._chunk_stats(self._pending_x, self._pending_y)
+            ps, pouter, pn, pcorrect, pall = self._chunk_stats(*self._pending_rows())
             s, outer, n = s + ps, outer + pouter, n + pn
             correct, all_ok = correct + pcorrect, all_ok + pall
         if n < 2:
@@ -698,6 +733,30 @@ class DomainMetrics:
         out["attr_acc_mean"] = sum(acc.values()) / len(acc)
         out["attr_all_correct"] = all_ok / n
         return out
+
+    @torch.no_grad()
+    def per_image(self) -> PerImage:
+        """Every image added so far (buffered ones included, not consumed), in order; needs
+        ``keep_per_image=True``. Recomputing the metrics from it gives :meth:`compute`'s
+        values to float rounding (e.g. ``attr_acc/<name>`` = ``correct[:, j].mean()``)."""
+        if not self.keep_per_image:
+            raise RuntimeError(
+                "DomainMetrics.per_image() needs DomainMetrics(..., keep_per_image=True)"
+            )
+        rows = list(self._rows)
+        if self._pending_x is not None:
+            feats, hit = self._pending_rows()
+            rows.append((feats, self._pending_y, hit))
+        f, a = self.net.feature_dim, len(ATTRIBUTE_NAMES)
+        if not rows:
+            return PerImage(
+                np.zeros((0, f)), np.zeros((0, a), np.int64), np.zeros((0, a), dtype=bool)
+            )
+        return PerImage(
+            features=torch.cat([r[0] for r in rows]).numpy().astype(np.float64),
+            labels=torch.cat([r[1] for r in rows]).numpy().astype(np.int64),
+            correct=torch.cat([r[2] for r in rows]).numpy().astype(bool),
+        )
 
 
 # --------------------------------------------------------------------------------------------

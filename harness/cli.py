@@ -54,7 +54,6 @@ def study_run(
 
         uv run harness study run studies/timestep.yaml --workdir work
     """
-    from harness.report import ablation_markdown
     from harness.runner import StudyRunner
     from harness.spec import SpecError, load_study
 
@@ -71,8 +70,36 @@ def study_run(
     except KeyboardInterrupt:
         typer.echo("stopped; rerun the same command to resume", err=True)
         raise typer.Exit(130) from None
-    typer.echo(ablation_markdown(study, spec.metrics, spec.directions, spec.baseline))
-    path = _write_html(study, spec.metrics, spec.directions, workdir, html, spec.baseline)
+    _print_report(study, spec.model_dump(mode="json"), spec.metrics, spec.directions, workdir, html)
+
+
+def _print_report(
+    study, spec: dict, metrics: list[str], directions: list[str], workdir: Path, html, as_json=False
+) -> None:
+    """The report on stdout (Markdown, or JSON with ``as_json``) and as HTML with plots."""
+    import json
+
+    from harness.effects import analyse
+    from harness.report import ablation_markdown
+
+    baseline, design = spec.get("baseline"), spec.get("design", "search")
+    sampler = (spec.get("optuna") or {}).get("sampler", "tpe")
+    analysis = analyse(study, metrics, directions, baseline, design, sampler, spec.get("repeats"))
+    if as_json:
+        typer.echo(json.dumps(analysis.to_json(), indent=1))
+    else:
+        typer.echo(
+            ablation_markdown(
+                study,
+                metrics,
+                directions,
+                baseline,
+                design=design,
+                sampler=sampler,
+                analysis=analysis,
+            )
+        )
+    path = _write_html(study, metrics, directions, workdir, html, baseline, analysis)
     typer.echo(f"HTML report with plots: {path}", err=True)
 
 
@@ -130,14 +157,14 @@ def _load(name: str, workdir: Path, storage: str | None = None):
 
 
 def _write_html(
-    study, metrics, directions, workdir: Path, out: Path | None, baseline: dict | None = None
+    study, metrics, directions, workdir: Path, out: Path | None, baseline: dict | None, analysis
 ) -> Path:
     from harness.report_html import write_report_html
     from harness.store import Store
 
     out = out or workdir / "reports" / f"{study.study_name}.html"
     store = Store(workdir / "harness.duckdb") if (workdir / "harness.duckdb").exists() else None
-    return write_report_html(study, metrics, directions, out, store, baseline)
+    return write_report_html(study, metrics, directions, out, store, baseline, analysis)
 
 
 @study_app.command("report")
@@ -146,17 +173,27 @@ def study_report(
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
     storage: StorageOpt = None,
     html: HtmlOpt = None,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="print the analysis as JSON (configurations, effects, ranks) instead of Markdown",
+        ),
+    ] = False,
 ) -> None:
-    """Print the ablation report (Markdown) and write it as HTML with plots.
+    """Print the ablation report (Markdown, or JSON) and write it as HTML with plots.
 
-    Markdown on stdout: each swept choice with the objective and its 95% CI, secondary metrics,
-    parameter importances, the best trial with its config, and every trial's state. The HTML
-    file adds the objective history, parameter slices and importances, metric-vs-step curves
-    per trial, and the best trial's samples.
+    Markdown on stdout: each configuration's effect against the baseline (or the best) per
+    metric, paired over training seeds, with its 95% interval, probability of improvement,
+    verdict and the seeds an unresolved difference would need; a rank table; each
+    configuration's mean over seeds with its interval and the evaluation-only noise apart;
+    steps to reach the baseline; importances; the best configuration; every trial. The HTML file
+    adds the effect and per-seed plots, the objective history, metric-vs-step curves and the
+    best configuration's samples. Example:
+
+        uv run harness study report timestep --workdir work --json > timestep.json
     """
     import json
-
-    from harness.report import ablation_markdown
 
     study = _load(name, workdir, storage)
     row = _studies_row(name, workdir)
@@ -165,10 +202,8 @@ def study_report(
         if row
         else (["objective"], [d.name.lower() for d in study.directions])
     )
-    baseline = json.loads(row["spec"]).get("baseline") if row else None
-    typer.echo(ablation_markdown(study, metrics, directions, baseline))
-    path = _write_html(study, metrics, directions, workdir, html, baseline)
-    typer.echo(f"HTML report with plots: {path}", err=True)
+    spec = json.loads(row["spec"]) if row else {}
+    _print_report(study, spec, metrics, directions, workdir, html, as_json)
 
 
 @study_app.command("status")

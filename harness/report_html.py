@@ -19,6 +19,7 @@ import markdown
 import optuna
 from optuna.trial import TrialState
 
+from harness.effects import Analysis, Configuration, analyse
 from harness.report import (
     SECONDARY,
     ablation_markdown,
@@ -83,34 +84,119 @@ def _figures(
     return figs
 
 
-def _curves(
-    metrics: Sequence[str], store: Store, trials: list[dict[str, Any]]
-) -> list[tuple[str, Any]]:
-    """Metric against training step, one line per trial, for the objectives and the secondary
-    metrics that the runs wrote."""
+def _curves(metrics: Sequence[str], analysis: Analysis) -> list[tuple[str, Any]]:
+    """Metric against training step: per configuration, the mean over its seeds (a line) and
+    each seed (faint markers), for the objectives and the secondary metrics the runs wrote."""
     import plotly.graph_objects as go
 
-    rows = [r for r in trials if r.get("run_id")]
     names = [*metrics, *(m for m in (*SECONDARY, "train/loss") if m not in metrics)]
+    runs = {c.label: [_read_curves(c, s.k) for s in c.seeds] for c in analysis.configurations}
     out = []
     for name in names:
         fig = go.Figure()
-        for r in rows:
-            points = store.metrics(r["run_id"], name)
-            points = [p for p in points if p["value"] is not None]
-            if points:
+        for i, (label, seeds) in enumerate(runs.items()):
+            colour = _COLOURS[i % len(_COLOURS)]
+            per_seed = [c.get(name, {}) for c in seeds]
+            steps = sorted(set.intersection(*(set(c) for c in per_seed))) if per_seed else []
+            if not steps:
+                continue
+            mean = [sum(c[s] for c in per_seed) / len(per_seed) for s in steps]
+            fig.add_trace(
+                go.Scatter(x=steps, y=mean, mode="lines", name=label, line={"color": colour})
+            )
+            for c in per_seed:
                 fig.add_trace(
                     go.Scatter(
-                        x=[p["step"] for p in points],
-                        y=[p["value"] for p in points],
-                        mode="lines+markers",
-                        name=f"trial {r['number']} ({r['state']})",
+                        x=list(c),
+                        y=list(c.values()),
+                        mode="markers",
+                        marker={"color": colour, "size": 5, "opacity": 0.45},
+                        name=f"{label} (seeds)",
+                        legendgroup=label,
+                        showlegend=False,
                     )
                 )
         if fig.data:
             fig.update_layout(xaxis_title="step", yaxis_title=name, height=380)
-            out.append((f"{name} against step", fig))
+            out.append((f"{name} against step (line: mean over seeds; dots: seeds)", fig))
     return out
+
+
+_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")
+
+
+def _read_curves(c: Configuration, k: int) -> dict[str, dict[int, float]]:
+    from trainers.rundir import RunDir
+
+    out: dict[str, dict[int, float]] = {}
+    run = RunDir(Path(c.run_dir) / f"s{k}")
+    for r in run.read_metrics():
+        if r["value"] is not None:
+            out.setdefault(r["name"], {})[r["step"]] = r["value"]
+    return out
+
+
+def _effect_figures(analysis: Analysis) -> list[tuple[str, Any]]:
+    """A forest plot of the effects (one panel per metric: the estimate and its interval per
+    configuration, 0 marked) and a per-seed dot plot of each configuration's final metrics."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    out = []
+    metrics = analysis.metrics
+    effects = [e for e in analysis.effects if e["estimate"] is not None]
+    if effects:
+        fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=list(metrics))
+        for j, m in enumerate(metrics, start=1):
+            rows = [e for e in effects if e["metric"] == m]
+            fig.add_trace(
+                go.Scatter(
+                    x=[e["estimate"] for e in rows],
+                    y=[e["configuration"] for e in rows],
+                    error_x={
+                        "type": "data",
+                        "symmetric": False,
+                        "array": [_gap(e["ci_high"], e["estimate"]) for e in rows],
+                        "arrayminus": [_gap(e["estimate"], e["ci_low"]) for e in rows],
+                    },
+                    mode="markers",
+                    marker={"color": ["#2ca02c" if e["resolved"] else "#888" for e in rows]},
+                    showlegend=False,
+                ),
+                row=1,
+                col=j,
+            )
+            fig.add_vline(x=0, line_dash="dot", row=1, col=j)
+        fig.update_layout(height=120 + 60 * len({e["configuration"] for e in effects}))
+        title = (
+            f"Effects against {analysis.baseline.label if analysis.baseline else '-'} "
+            "(95% interval; green: resolved)"
+        )
+        out.append((title, fig))
+    if analysis.configurations:
+        fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=list(metrics))
+        for j, m in enumerate(metrics, start=1):
+            for i, c in enumerate(analysis.configurations):
+                values = c.values(m)
+                fig.add_trace(
+                    go.Scatter(
+                        x=values,
+                        y=[c.label] * len(values),
+                        mode="markers",
+                        marker={"color": _COLOURS[i % len(_COLOURS)], "size": 9, "opacity": 0.7},
+                        showlegend=False,
+                        hovertext=[f"seed {s.seed}" for s in c.seeds if m in s.final],
+                    ),
+                    row=1,
+                    col=j,
+                )
+        fig.update_layout(height=120 + 50 * len(analysis.configurations))
+        out.append(("Final metrics, one dot per training seed", fig))
+    return out
+
+
+def _gap(a: float | None, b: float | None) -> float:
+    return 0.0 if a is None or b is None else float(a - b)
 
 
 def _gallery(
@@ -130,7 +216,7 @@ def _gallery(
     samples = [s for s in store.samples(run_id) if s["tag"] == "final"][:MAX_SAMPLES]
     figures = []
     for s in samples:
-        path = Path(run_dir) / "samples" / s["path"]
+        path = Path(run_dir) / "s0" / "samples" / s["path"]
         if not path.exists():
             continue
         data = base64.b64encode(path.read_bytes()).decode()
@@ -142,8 +228,8 @@ def _gallery(
     if not figures:
         return ""
     return (
-        f"<h2>Best trial {best.number}: final samples</h2>"
-        f"<p>From <code>{html.escape(str(run_dir))}/samples/final/</code>.</p>"
+        f"<h2>Best configuration (trial {best.number}): final samples of seed 0</h2>"
+        f"<p>From <code>{html.escape(str(run_dir))}/s0/samples/final/</code>.</p>"
         f'<div class="gallery">{"".join(figures)}</div>'
     )
 
@@ -155,17 +241,27 @@ def write_report_html(
     out: str | Path,
     store: Store | None = None,
     baseline: Mapping[str, Any] | None = None,
+    analysis: Analysis | None = None,
 ) -> Path:
     """Write the report to ``out`` (parents created) and return its path."""
+    analysis = analysis or analyse(study, metrics, directions, baseline)
     body = markdown.markdown(
-        ablation_markdown(study, metrics, directions, baseline),
+        ablation_markdown(
+            study,
+            metrics,
+            directions,
+            baseline,
+            design=analysis.design,
+            sampler=analysis.sampler,
+            analysis=analysis,
+        ),
         extensions=["tables", "fenced_code"],
     )
     parts = [body]
     trials = store.trials(study.study_name) if store is not None else []  # read once
     figs = _figures(study, metrics, directions)
-    if figs and store is not None:  # curves too once any trial completed
-        figs += _curves(metrics, store, trials)
+    if figs:  # effects and curves too once any trial completed
+        figs = _effect_figures(analysis) + figs + _curves(metrics, analysis)
     if figs:
         parts.append("<h1>Plots</h1>")
     for i, (title, fig) in enumerate(figs):

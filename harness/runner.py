@@ -26,6 +26,7 @@ import socket
 import threading
 import time
 import warnings
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,7 +221,8 @@ class StudyRunner:
         self.storage = make_storage(self.url)
         self.lock = threading.Lock()
         self.stopping = threading.Event()
-        self.live: dict[int, TrainerProcess] = {}
+        self.jobs: list[TrialJob] = []  # configurations being trained by this runner
+        self._target = spec.trials
         self.errors: list[BaseException] = []
         self.host = socket.gethostname()
         self.view: StudyView | None = None
@@ -237,12 +239,14 @@ class StudyRunner:
             directions=list(spec.directions),
             load_if_exists=True,
         )
-        if spec.optuna.enqueue:
-            # Once per study, under the same lock workers claim trials with: a second worker (or a
-            # rerun) finds trials there and enqueues nothing.
+        # A grid or ofat design's configurations, or the file's optuna.enqueue: once per study,
+        # under the same lock workers claim trials with, so that a second worker (or a rerun)
+        # finds trials there and enqueues nothing.
+        first = spec.configurations() or spec.optuna.enqueue
+        if first:
             with claim_lock(self.storage, self.url, spec.name):
                 if not study.get_trials(deepcopy=False):
-                    for params in spec.optuna.enqueue:
+                    for params in first:
                         study.enqueue_trial(dict(params))
         # The budget (trials) is left out so that asking for more trials is not a different study.
         stored = spec.model_dump(mode="json", exclude={"trials"})
@@ -276,13 +280,14 @@ class StudyRunner:
         """RUNNING trials whose runner (on this host) is dead: stop their trainer (it
         checkpoints), fail the trial and re-queue it so it resumes in the same run directory."""
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            info_path = self.work.run_dir(self.spec.name, self._group(t)) / RUNNER_FILE
-            if not info_path.exists():
-                continue
-            info = json.loads(info_path.read_text())
-            if info.get("host") != self.host or _alive(info.get("runner_pid")):
+            trial_dir = self.work.run_dir(self.spec.name, self._group(t))
+            infos = [json.loads(p.read_text()) for p in sorted(trial_dir.glob(f"s*/{RUNNER_FILE}"))]
+            if not infos or any(
+                i.get("host") != self.host or _alive(i.get("runner_pid")) for i in infos
+            ):
                 continue  # another live runner owns it, or another host (heartbeats cover it)
-            _stop_group(info.get("trainer_pid"))
+            for info in infos:  # every seed run's trainer checkpoints and exits
+                _stop_group(info.get("trainer_pid"))
             reason = "interrupted: its runner died; re-queued to resume"
             self.storage.set_trial_user_attr(t._trial_id, "error", reason)
             self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
@@ -299,7 +304,7 @@ class StudyRunner:
     def run(self, n_trials: int | None = None) -> optuna.Study:
         study = self.open_study()
         self.recover_orphans(study)
-        target = n_trials if n_trials is not None else self.spec.trials
+        target = self._target = n_trials if n_trials is not None else self.spec.trials
         slots = device_slots(self.spec)
         # CPU slots share the cores: each trainer gets its share of intra-op threads (two
         # trainers of two threads each on two cores run several times slower than one).
@@ -323,9 +328,14 @@ class StudyRunner:
         except KeyboardInterrupt:
             self.console.print("[yellow]interrupted: stopping trainers (they checkpoint)...")
             self.stopping.set()
-            for proc in list(self.live.values()):
+            with self.lock:
+                procs = [p for job in self.jobs for p in job.procs.values()]
+            for proc in procs:
                 proc.stop(signal.SIGTERM)
             _wait_for(threads)  # each worker follows its trainer until it has checkpointed
+            for job in list(self.jobs):  # seeds that never started: the trial resumes later
+                self.jobs.remove(job)
+                self._finish(study, job, Outcome("interrupted", "stopped"), 0.0)
             raise
         if self.errors:
             raise self.errors[0]
@@ -355,20 +365,35 @@ class StudyRunner:
             self.stopping.set()
 
     def _work(self, study: optuna.Study, slot: list[str] | None, target: int) -> None:
+        """Take the next seed run: one of a started configuration's, else ask Optuna for a new
+        configuration (trial) and take its first seed. Return when there is neither."""
         while not self.stopping.is_set():
-            with self.lock, claim_lock(self.storage, self.url, self.spec.name):
-                optuna.storages.fail_stale_trials(study)
-                if not self._should_start(study, target):
-                    return
-                with warnings.catch_warnings():
-                    # We record heartbeats ourselves while following the trainer.
-                    warnings.filterwarnings("ignore", message="Heartbeat of storage")
-                    trial = study.ask()
-                group = self._origin(study, trial)
-                trial.set_user_attr("run_number", group)
-                if group != trial.number:
-                    self._inherit_sampler_attrs(study, trial, group)
-            self._run_trial(study, trial, group, slot)
+            with self.lock:
+                job = next((j for j in self.jobs if j.pending and not j.stopping), None)
+                if job is None:
+                    job = self._new_job(study)
+                    if job is None:
+                        return
+                    if not job.pending:  # nothing to train (a repeat, or a config refused)
+                        continue
+                seed = job.pending.popleft()
+                job.running += 1
+            self._run_seed(study, job, seed, slot)
+
+    def _new_job(self, study: optuna.Study) -> TrialJob | None:
+        with claim_lock(self.storage, self.url, self.spec.name):
+            optuna.storages.fail_stale_trials(study)
+            if not self._should_start(study, self._target):
+                return None
+            with warnings.catch_warnings():
+                # We record heartbeats ourselves while following the trainer.
+                warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                trial = study.ask()
+            group = self._origin(study, trial)
+            trial.set_user_attr("run_number", group)
+            if group != trial.number:
+                self._inherit_sampler_attrs(study, trial, group)
+        return self._start_job(study, trial, group)
 
     def _inherit_sampler_attrs(self, study: optuna.Study, trial: optuna.Trial, group: int) -> None:
         """A resumed trial is the same grid point as the one it resumes: GridSampler keys its
@@ -388,102 +413,148 @@ class StudyRunner:
 
     def _prepare(
         self, study: optuna.Study, trial: optuna.Trial, group: int
-    ) -> tuple[dict[str, Any], RunDir, str, int | None]:
+    ) -> tuple[dict[str, Any], list[SeedRun], int | None]:
+        """Suggest the parameters, write every seed run's config and register the runs."""
         params = self.spec.suggest(trial)
-        config = self.spec.trainer_info.config.model_validate(self.spec.resolve(params))
+        model = self.spec.trainer_info.config
+        configs = [
+            model.model_validate(self.spec.seed_config(params, k)) for k in range(self.spec.repeats)
+        ]
+        key = configs[0].hash()  # the configuration's identity: its first seed's config
         for done in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            if done.user_attrs.get("config_hash") == config.hash():
+            if done.user_attrs.get("config_hash") == key:
                 raise Repeat(done)
-        run = RunDir(self.work.run_dir(self.spec.name, group))
-        run.create()
-        stored = run.read_config()
-        if stored is None:
-            run.write_config(config.to_dict(), config.hash())
-        elif stored.get("config_hash") != config.hash():
-            raise TrialFailed(
-                f"{run.config} holds a different config; delete {run.root} to rerun it"
+        trial_dir = self.work.run_dir(self.spec.name, group)
+        seeds = []
+        for k, config in enumerate(configs):
+            run = RunDir(trial_dir / f"s{k}")
+            run.create()
+            stored = run.read_config()
+            if stored is None:
+                run.write_config(config.to_dict(), config.hash())
+            elif stored.get("config_hash") != config.hash():
+                raise TrialFailed(
+                    f"{run.config} holds a different config; delete {trial_dir} to rerun it"
+                )
+            run_id = f"{self.spec.name}/{group:04d}/s{k}"
+            self.store.register_run(
+                run_id,
+                run.root,
+                config.to_dict(),
+                config.hash(),
+                study=self.spec.name,
+                trial=trial.number,
+                repeat=k,
             )
-        run_id = f"{self.spec.name}/{group:04d}"
-        self.store.register_run(
-            run_id,
-            run.root,
-            config.to_dict(),
-            config.hash(),
-            study=self.spec.name,
-            trial=trial.number,
-        )
-        trial.set_user_attr("run_dir", str(run.root))
-        trial.set_user_attr("config_hash", config.hash())
-        total = getattr(getattr(config, "train", None), "steps", None)
-        return params, run, run_id, total
+            seeds.append(SeedRun(k, config.seed, run, run_id))
+        trial.set_user_attr("run_dir", str(trial_dir))
+        trial.set_user_attr("config_hash", key)
+        trial.set_user_attr("seeds", [s.seed for s in seeds])
+        total = getattr(getattr(configs[0], "train", None), "steps", None)
+        return params, seeds, total
 
-    def _run_trial(
-        self, study: optuna.Study, trial: optuna.Trial, group: int, slot: list[str] | None
-    ) -> None:
+    def _start_job(self, study: optuna.Study, trial: optuna.Trial, group: int) -> TrialJob:
+        """The configuration's seed runs, queued; a repeat or a refused config ends at once
+        (the job then has nothing pending)."""
         started = time.time()
         try:
-            params, run, run_id, total = self._prepare(study, trial, group)
+            params, seeds, total = self._prepare(study, trial, group)
         except Repeat as rep:  # reuse the result rather than train the same config again
             self._repeat(study, trial, rep.original, started)
-            return
+            return TrialJob(trial, group, {}, [], started)
         except Exception as err:  # a config the trainer refuses: the trial fails, the study goes on
-            self._finish(
-                study,
-                trial,
-                Outcome("failed", f"{type(err).__name__}: {err}"),
-                {},
-                None,
-                started,
-                slot,
-            )
-            return
+            job = TrialJob(trial, group, {}, [], started)
+            self._finish(study, job, Outcome("failed", f"{type(err).__name__}: {err}"), {})
+            return job
+        job = TrialJob(trial, group, params, seeds, started)
+        self.jobs.append(job)
         self.store.upsert_trial(
             self.spec.name,
             trial.number,
             "running",
             params=params,
             started_at=started,
-            run_id=run_id,
+            run_id=seeds[0].run_id,
         )
-        proc = TrainerProcess(
-            self.spec.trainer_info.module,
-            run.root,
-            slot,
-            gpus=len(slot) if slot else 1,
-            cpu_threads=self.cpu_threads,
-        )
-        proc.start()
-        (run.root / RUNNER_FILE).write_text(
-            json.dumps(
-                {
-                    "host": self.host,
-                    "runner_pid": os.getpid(),
-                    "trainer_pid": proc.proc.pid,
-                    "trial": trial.number,
-                }
-            )
-        )
-        self.live[trial.number] = proc
-        where = f"GPU {','.join(slot)}" if slot else "CPU"
-        self.console.print(f"trial {trial.number} started on {where}: {_fmt(params)}")
-        self._view().started(trial.number, _fmt(params), where, total)
-        beat = [0.0]  # the first poll records a heartbeat at once
-        try:
-            outcome = proc.follow(
-                lambda step, name, value: self._on_metric(trial, step, name, value),
-                on_poll=lambda: self._heartbeat(trial, beat),
-            )
-        finally:
-            self.live.pop(trial.number, None)
+        seed_text = f" x {len(seeds)} seeds" if len(seeds) > 1 else ""
+        self.console.print(f"trial {trial.number} started: {_fmt(params)}{seed_text}")
+        self._view().started(trial.number, _fmt(params) + seed_text, "", total)
+        return job
+
+    def _run_seed(
+        self, study: optuna.Study, job: TrialJob, seed: SeedRun, slot: list[str] | None
+    ) -> None:
+        """Train one seed run (or take its finished result from disk), ingest it, and finish
+        the trial when it was the configuration's last seed."""
+        status = seed.run.read_status()
+        if status is not None and status.get("status") == "ok":  # finished before a restart
+            outcome = Outcome("complete", final=_final_metrics(seed.run))
+            for rec in seed.run.read_metrics():
+                self._on_metric(job, seed.k, rec["step"], rec["name"], rec["value"])
+        else:
+            outcome = self._train_seed(job, seed, slot)
         if self.stopping.is_set() and outcome.state == "failed" and "by a signal" in outcome.reason:
             outcome = Outcome(
                 "interrupted", outcome.reason, exit_code=outcome.exit_code, final=outcome.final
             )
         try:
-            self.store.ingest_run_dir(run_id, run.root)
+            self.store.ingest_run_dir(seed.run_id, seed.run.root)
         except StoreError as err:  # the trial's outcome stands; its files stay in the run dir
-            self.console.print(f"[red]trial {trial.number}: could not ingest {run.root}: {err}")
-        self._finish(study, trial, outcome, params, run_id, started, slot)
+            self.console.print(f"[red]{seed.run_id}: could not ingest {seed.run.root}: {err}")
+        with self.lock:
+            job.outcomes[seed.k] = outcome
+            job.running -= 1
+            if outcome.state != "complete" and not job.stopping:
+                job.cause = (seed.k, outcome)
+                job.stop_siblings(pruned=outcome.state == "pruned")
+            if self.stopping.is_set():
+                job.pending.clear()  # the rerun trains them
+            last = job.running == 0 and not job.pending
+            if last:
+                self.jobs.remove(job)
+        if last:
+            self._finish(study, job, job.outcome(self.spec.repeats), _gpu_seconds(job, slot))
+
+    def _train_seed(self, job: TrialJob, seed: SeedRun, slot: list[str] | None) -> Outcome:
+        proc = TrainerProcess(
+            self.spec.trainer_info.module,
+            seed.run.root,
+            slot,
+            gpus=len(slot) if slot else 1,
+            cpu_threads=self.cpu_threads,
+        )
+        with self.lock:
+            if job.stopping:  # a sibling failed or was pruned while this one was queued
+                return Outcome("pruned" if job.pruned else "failed", "not started")
+            proc.start()
+            job.procs[seed.k] = proc
+        (seed.run.root / RUNNER_FILE).write_text(
+            json.dumps(
+                {
+                    "host": self.host,
+                    "runner_pid": os.getpid(),
+                    "trainer_pid": proc.proc.pid,
+                    "trial": job.trial.number,
+                    "seed": seed.seed,
+                }
+            )
+        )
+        where = f"GPU {','.join(slot)}" if slot else "CPU"
+        self.console.print(
+            f"trial {job.trial.number} seed {seed.seed} (s{seed.k}) started on {where}"
+        )
+        beat = [0.0]  # the first poll records a heartbeat at once
+        t0 = time.time()
+        try:
+            outcome = proc.follow(
+                lambda step, name, value: self._on_metric(job, seed.k, step, name, value),
+                on_poll=lambda: self._heartbeat(job.trial, beat),
+            )
+        finally:
+            with self.lock:
+                job.procs.pop(seed.k, None)
+                job.seconds += time.time() - t0
+        return outcome
 
     def _repeat(
         self,
@@ -492,7 +563,7 @@ class StudyRunner:
         original: optuna.trial.FrozenTrial,
         started: float,
     ) -> None:
-        for key in ("run_dir", "config_hash", "final_metrics"):
+        for key in ("run_dir", "config_hash", "final_metrics", "seeds", "seed_values"):
             trial.set_user_attr(key, original.user_attrs.get(key))
         trial.set_user_attr("repeat_of", original.number)
         _tell(study, trial, values=original.values)
@@ -530,45 +601,62 @@ class StudyRunner:
             )
         return self.view
 
-    def _on_metric(self, trial: optuna.Trial, step: int, name: str, value: float | None) -> bool:
-        self._view().metric(trial.number, step, name, value)
+    def _on_metric(self, job: TrialJob, k: int, step: int, name: str, value: float | None) -> bool:
+        """Follow seed ``k``'s metrics. The pruner sees the configuration's objective at a step
+        only once every seed has reached it, as their mean: the same quantity, over the same
+        number of seeds, as every other trial's (like with like). True: stop this seed."""
+        if k == 0:
+            self._view().metric(job.trial.number, step, name, value)
         if self.spec.multi_objective or value is None or name != self.spec.metrics[0]:
-            return False
-        trial.report(value, step)
-        return trial.should_prune()
+            return job.pruned
+        with self.lock:
+            job.curves[k][step] = value
+            ready = [
+                st
+                for st in sorted(job.curves[k])
+                if st not in job.reported and all(st in c for c in job.curves.values())
+            ]
+            for st in ready:
+                mean = sum(c[st] for c in job.curves.values()) / len(job.curves)
+                job.trial.report(mean, st)
+                job.reported.add(st)
+                if not job.stopping and job.trial.should_prune():
+                    job.stop_siblings(pruned=True, reason=f"pruned at step {st}")
+            return job.pruned
 
-    def _finish(
-        self,
-        study: optuna.Study,
-        trial: optuna.Trial,
-        outcome: Outcome,
-        params: dict[str, Any],
-        run_id: str | None,
-        started: float,
-        slot: list[str] | None,
-    ) -> None:
-        ended = time.time()
+    def _finish(self, study: optuna.Study, job: TrialJob, outcome: Outcome, gpu_s: float) -> None:
+        """Tell Optuna and the store how the configuration ended: complete with the mean of
+        its seeds' final objectives (the per-seed values in the ``seed_values`` attribute),
+        pruned, failed (naming the seed), or interrupted (re-queued to resume)."""
+        trial, ended = job.trial, time.time()
         trial.set_user_attr("final_metrics", outcome.final)
-        gpu_s = (ended - started) * len(slot) if slot else 0.0
         common = dict(
-            params=params, started_at=started, ended_at=ended, gpu_seconds=gpu_s, run_id=run_id
+            params=job.params,
+            started_at=job.started,
+            ended_at=ended,
+            gpu_seconds=gpu_s,
+            run_id=job.seeds[0].run_id if job.seeds else None,
         )
         values: list[float] | None = None
         if outcome.state == "complete":
-            missing = [m for m in self.spec.metrics if m not in outcome.final]
+            per_seed = [job.outcomes[s.k].final for s in job.seeds]
+            missing = sorted({m for f in per_seed for m in self.spec.metrics if m not in f})
             if missing:
                 outcome = Outcome(
                     "failed", f"objective metric(s) never written: {', '.join(missing)}"
                 )
             else:
-                values = [float(outcome.final[m]) for m in self.spec.metrics]
+                seed_values = {m: [float(f[m]) for f in per_seed] for m in self.spec.metrics}
+                trial.set_user_attr("seed_values", seed_values)
+                values = [sum(v) / len(v) for v in seed_values.values()]
         name = self.spec.name
         self._view().ended(trial.number, outcome.state, values)
         if outcome.state == "complete":
             _tell(study, trial, values=values)
             self.store.upsert_trial(name, trial.number, "complete", values=values, **common)
             shown = _fmt(dict(zip(self.spec.metrics, values, strict=True)))
-            self.console.print(f"[green]trial {trial.number} complete[/]: {shown}")
+            over = f" (mean of {len(job.seeds)} seeds)" if len(job.seeds) > 1 else ""
+            self.console.print(f"[green]trial {trial.number} complete[/]: {shown}{over}")
         elif outcome.state == "pruned":
             _tell(study, trial, state=TrialState.PRUNED)
             self.store.upsert_trial(name, trial.number, "pruned", error=outcome.reason, **common)
@@ -595,6 +683,84 @@ class StudyRunner:
                     f"[red]trial {trial.number} failed[/]: {outcome.reason}"
                     + (f"\n    {tail}" if tail else "")
                 )
+
+
+@dataclass(frozen=True)
+class SeedRun:
+    """Seed run ``k`` of a configuration: its training seed, run directory and store id."""
+
+    k: int
+    seed: int
+    run: RunDir
+    run_id: str
+
+
+class TrialJob:
+    """One configuration this runner is training: an Optuna trial and its seed runs, queued,
+    running and ended. Fields are guarded by the runner's lock."""
+
+    def __init__(
+        self,
+        trial: optuna.Trial,
+        group: int,
+        params: dict[str, Any],
+        seeds: list[SeedRun],
+        started: float,
+    ):
+        self.trial, self.group, self.params, self.seeds = trial, group, params, seeds
+        self.started = started
+        self.pending: deque[SeedRun] = deque(seeds)
+        self.running = 0
+        self.procs: dict[int, TrainerProcess] = {}
+        self.outcomes: dict[int, Outcome] = {}
+        self.curves: dict[int, dict[int, float]] = {s.k: {} for s in seeds}
+        self.reported: set[int] = set()
+        self.stopping = False
+        self.pruned = False
+        self.prune_reason = ""
+        self.cause: tuple[int, Outcome] | None = None  # the first seed that did not complete
+        self.seconds = 0.0
+
+    def stop_siblings(self, pruned: bool, reason: str = "") -> None:
+        """Stop every seed of this configuration: a pruned or failed seed ends it. Queued
+        seeds are dropped; running ones get SIGTERM (they checkpoint, so a rerun resumes)."""
+        self.stopping, self.pruned = True, self.pruned or pruned
+        self.prune_reason = self.prune_reason or reason
+        self.pending.clear()
+        for proc in self.procs.values():
+            proc.pruned = proc.pruned or pruned
+            proc.stop()
+
+    def outcome(self, repeats: int) -> Outcome:
+        """The configuration's outcome from its seeds': interrupted > failed > pruned >
+        complete (the mean of the seeds' final metrics)."""
+        ended = [self.outcomes[k] for k in sorted(self.outcomes)]
+        interrupted = next((o for o in ended if o.state == "interrupted"), None)
+        if interrupted is not None:
+            return interrupted
+        if self.cause is not None and self.cause[1].state == "failed":
+            k, o = self.cause
+            seed = self.seeds[k].seed
+            return Outcome("failed", f"seed {seed}: {o.reason}", o.stderr_tail, o.exit_code)
+        if self.pruned or any(o.state == "pruned" for o in ended):
+            reason = self.prune_reason or next(
+                (o.reason for o in ended if o.state == "pruned"), "pruned"
+            )
+            return Outcome("pruned", reason)
+        if len(ended) < repeats:
+            return Outcome("failed", f"only {len(ended)} of {repeats} seeds ran")
+        names = set.intersection(*(set(o.final) for o in ended))
+        final = {m: sum(o.final[m] for o in ended) / len(ended) for m in sorted(names)}
+        return Outcome("complete", final=final)
+
+
+def _final_metrics(run: RunDir) -> dict[str, float]:
+    """The last value of every metric in a run directory's ``metrics.jsonl``."""
+    return {m["name"]: m["value"] for m in run.read_metrics() if m["value"] is not None}
+
+
+def _gpu_seconds(job: TrialJob, slot: list[str] | None) -> float:
+    return job.seconds * len(slot) if slot else 0.0
 
 
 def _wait_for(threads: list[threading.Thread]) -> None:

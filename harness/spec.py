@@ -121,6 +121,14 @@ PRUNERS: dict[str, Callable[[StudySpec], optuna.pruners.BasePruner]] = {
     "hyperband": lambda s: _pruners().HyperbandPruner(),
 }
 DeviceKind = Literal["auto", "cpu"]
+Design = Literal["search", "grid", "ofat"]
+DESIGNS: dict[str, str] = {
+    "search": "the sampler proposes `trials` configurations (tuning; factors may be confounded)",
+    "grid": "every combination of the searched values (a full factorial)",
+    "ofat": "the baseline, and each searched value changed alone from it (one factor at a time)",
+}
+"""``design:`` names -> what they run. grid and ofat are ablation designs: every configuration is
+fixed before the study starts, so effects are not confounded by what a sampler chose."""
 Direction = Literal["minimize", "maximize"]
 _STORAGE_DIALECTS = ("sqlite", "postgresql", "mysql")
 
@@ -540,6 +548,8 @@ _TOP_KEYS = (
     "optuna",
     "resources",
     "baseline",
+    "repeats",
+    "design",
 )
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -563,7 +573,12 @@ class StudySpec(BaseModel):
     resources: Resources
     baseline: dict[str, Scalar] | None = None
     """Parameters that identify the baseline trial(s) (e.g. ``{repa.weight: 0.0}``): the report
-    then shows the steps every other trial needs to reach the baseline's final objective."""
+    gives every other configuration's effect against it (paired over seeds) and the steps every
+    other trial needs to reach the baseline's final objective."""
+    repeats: int = 1
+    """Training seeds per configuration: seed k (0-based) trains with ``base.seed + k``."""
+    design: Design = "search"
+    """How configurations are chosen (:data:`DESIGNS`)."""
     path: Path
     """The study file, resolved."""
     sources: tuple[Path, ...]
@@ -632,6 +647,24 @@ class StudySpec(BaseModel):
             )
         return _apply(self.base, params)
 
+    def seeds(self) -> list[int]:
+        """The training seeds of every configuration: ``base.seed + 0 .. base.seed + repeats-1``."""
+        first = int(self.base.get("seed", 0))
+        return [first + k for k in range(self.repeats)]
+
+    def seed_config(self, params: Mapping[str, Any], k: int) -> dict[str, Any]:
+        """The trainer config of seed run ``k`` of the configuration ``params``."""
+        return {**self.resolve(params), "seed": self.seeds()[k]}
+
+    def configurations(self) -> list[dict[str, Any]]:
+        """The fixed configurations of a ``grid`` or ``ofat`` design, in run order (the
+        baseline first); empty for ``search`` (the sampler proposes them)."""
+        if self.design == "grid":
+            return _grid_configs(self)
+        if self.design == "ofat":
+            return _ofat_configs(self)
+        return []
+
     def grid_space(self) -> dict[str, list[Any]]:
         """``search_space`` for ``optuna.samplers.GridSampler`` (needs enumerable spaces)."""
         out = {}
@@ -660,7 +693,8 @@ class StudySpec(BaseModel):
             f"  files:     {', '.join(str(p) for p in self.sources)}",
             f"  trainer:   {self.trainer} (python -m {self.trainer_info.module})",
             f"  objective: {', '.join(f'{x.direction} {x.metric}' for x in self.objectives)}",
-            f"  trials:    {self.trials}",
+            f"  design:    {self.design} ({DESIGNS[self.design]})",
+            f"  trials:    {self.trials} configuration(s) x {self.repeats} seed(s) {self.seeds()}",
             f"  optuna:    sampler {o.sampler}, pruner {o.pruner}, seed {o.seed}, "
             f"storage {o.storage or 'default (local file)'}",
             f"  resources: devices {devices}, {r.trials_per_device} trial(s) per device, "
@@ -668,7 +702,53 @@ class StudySpec(BaseModel):
             f"  search:    {len(self.search)} parameter(s)",
         ]
         lines += [f"    {n:<{width}}  {self.search[n].describe()}" for n in self.order()]
+        configs = self.configurations()
+        if configs:
+            lines.append(f"  configurations ({self.design}, the baseline first):")
+            lines += [
+                f"    {i}: " + (", ".join(f"{k}={_show(v)}" for k, v in c.items()) or "base")
+                for i, c in enumerate(configs)
+            ]
         return "\n".join(lines)
+
+
+def _grid_configs(spec: StudySpec) -> list[dict[str, Any]]:
+    """Every combination of the searched values, honouring ``when:`` (a parameter exists only
+    where its condition holds), the baseline's combination first."""
+    out: list[dict[str, Any]] = [{}]
+    for name in spec.order():
+        grown = []
+        for params in out:
+            if spec.is_active(name, params):
+                grown += [{**params, name: v} for v in spec.search[name].grid() or []]
+            else:
+                grown.append(params)
+        out = grown
+    base = spec.baseline or {}
+    return sorted(out, key=lambda p: not all(p.get(k) == v for k, v in base.items()))
+
+
+def _ofat_configs(spec: StudySpec) -> list[dict[str, Any]]:
+    """The baseline, then for each searched parameter each of its other values with every
+    other parameter at the baseline's. A parameter that the change makes exist (``when:``)
+    takes its first value; one it makes vanish is dropped."""
+    base = dict(spec.baseline or {})
+    out = [base]
+    for name in spec.order():
+        if name not in base:
+            continue
+        for value in spec.search[name].grid() or []:
+            if value == base[name]:
+                continue
+            params = {**base, name: value}
+            for other in spec.order():
+                if other in params and not spec.is_active(other, params):
+                    del params[other]
+                elif other not in params and spec.is_active(other, params):
+                    params[other] = (spec.search[other].grid() or [None])[0]
+            if params not in out:
+                out.append(params)
+    return out
 
 
 def _set_dotted(config: dict[str, Any], dotted: str, value: Any) -> None:
@@ -1124,7 +1204,8 @@ def _top_level_problems(doc: dict[str, Any], problems: list[str]) -> tuple[Any, 
         for k in doc
         if k not in _TOP_KEYS
     ]
-    required = ("name", "search", "objective", "trials")
+    fixed = doc.get("design", "search") in ("grid", "ofat")  # these count their own trials
+    required = ("name", "search", "objective") + (() if fixed else ("trials",))
     problems += [f"{k}: required key is missing" for k in required if k not in doc]
     name = doc.get("name")
     if "name" in doc and not (isinstance(name, str) and _NAME_RE.fullmatch(name)):
@@ -1215,21 +1296,93 @@ def _parse_document(doc: dict[str, Any], path: Path, files: list[Path]) -> Study
         if base_ok and not cond:
             valid = {n: s for n, s in search.items() if n not in bad_paths}
             _trainer_problems(base, valid, trainer, problems)
+    design, repeats = doc.get("design", "search"), doc.get("repeats", 1)
+    problems += _design_problems(design, repeats, search, baseline, opt)
     if problems:
         raise SpecError(path, problems)
-    return StudySpec(
+    spec = StudySpec(
         name=name,
         trainer=trainer,
         base=base,
         search=search,
         objectives=tuple(objectives),
-        trials=doc["trials"],
+        trials=doc.get("trials") or 1,
         optuna=opt,
         resources=res,
         baseline=baseline,
+        repeats=repeats,
+        design=design,
         path=path.resolve(),
         sources=tuple(files),
     )
+    return _fix_design_trials(spec, doc.get("trials"))
+
+
+def _design_problems(
+    design: Any,
+    repeats: Any,
+    search: dict[str, Any],
+    baseline: dict[str, Any] | None,
+    opt: OptunaSettings | None,
+) -> list[str]:
+    """``design:`` and ``repeats:``: a known design whose configurations can be listed."""
+    out = []
+    if not (type(repeats) is int and 1 <= repeats <= 1000):
+        out.append(
+            f"repeats: expected an integer from 1 to 1000 (training seeds per configuration), "
+            f"got {_show(repeats)}"
+        )
+    if design not in DESIGNS:
+        hint = _did_you_mean(str(design), DESIGNS)
+        return [*out, f"design: {_show(design)} is not a design{hint}; known: {_one_of(DESIGNS)}"]
+    if design == "search":
+        return out
+    out += [
+        f"search.{n}: design {design} lists every value, and this float has no step "
+        "(add step: or use type: choice)"
+        for n, s in search.items()
+        if s.grid() is None
+    ]
+    if opt is not None and opt.enqueue:
+        out.append(
+            f"optuna.enqueue: design {design} fixes every configuration itself; remove enqueue "
+            "(or use design: search)"
+        )
+    if design == "ofat" and not baseline:
+        out.append(
+            "baseline: design ofat changes one factor at a time from a baseline; give it, e.g. "
+            "baseline: {timesteps.sampler: uniform}"
+        )
+    return out
+
+
+def _fix_design_trials(spec: StudySpec, trials: Any) -> StudySpec:
+    """A grid or ofat study runs exactly its configurations: ``trials`` is their number (a
+    different number in the file is an error, not a silent truncation)."""
+    if spec.design == "search":
+        return spec
+    configs = spec.configurations()
+    problems = []
+    if spec.design == "ofat":
+        base = spec.baseline or {}
+        problems += [
+            f"baseline: gives no value for {n}, which exists for this baseline; design ofat "
+            "needs the baseline's value of every searched parameter"
+            for n in spec.order()
+            if n not in base and spec.is_active(n, base)
+        ]
+    elif spec.baseline and not any(
+        all(c.get(k) == v for k, v in spec.baseline.items()) for c in configs
+    ):
+        problems.append(f"baseline: {_show(spec.baseline)} matches no configuration of the grid")
+    if trials is not None and trials != len(configs):
+        problems.append(
+            f"trials: {trials}, but design {spec.design} has {len(configs)} configuration(s); "
+            "leave trials out (it is their number) or change the search"
+        )
+    if problems:
+        raise SpecError(spec.path, problems)
+    return spec.model_copy(update={"trials": len(configs)})
 
 
 def load_study(path: str | Path) -> StudySpec:

@@ -246,8 +246,28 @@ CREATE TABLE renders (
 ALTER TABLE raters ADD COLUMN token_hash VARCHAR;
 """
 
-MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
-SCHEMA_VERSION = 3
+# v4: seeds. A study trains every configuration (trial) ``repeats`` times; each seed run is a
+# run of its own (run_id STUDY/TRIAL/sK) with its index and training seed. eval_images holds the
+# per-image results of every evaluation (evals/step_*.npz in the run directory; the features
+# stay in that file), so that two configurations can be compared on the same prompts and
+# sampling seeds.
+_SCHEMA_V4 = """
+ALTER TABLE runs ADD COLUMN repeat INTEGER;
+ALTER TABLE runs ADD COLUMN seed BIGINT;
+CREATE TABLE eval_images (
+    run_id      VARCHAR NOT NULL,
+    step        BIGINT NOT NULL,
+    split       VARCHAR NOT NULL,
+    row         INTEGER NOT NULL,
+    sample_seed BIGINT NOT NULL,
+    labels      INTEGER[] NOT NULL,
+    correct     BOOLEAN[] NOT NULL,
+    PRIMARY KEY (run_id, step, split, row)
+);
+"""
+
+MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4)
+SCHEMA_VERSION = 4
 assert len(MIGRATIONS) == SCHEMA_VERSION, "every schema version needs its migration"
 
 DEFAULT_TIMEOUT_S = 60.0
@@ -679,9 +699,11 @@ class Store:
         *,
         study: str | None = None,
         trial: int | None = None,
+        repeat: int | None = None,
     ) -> None:
         """Record a run: its directory (stored absolute), resolved config and config hash, and
-        the study trial it belongs to (None for a run trained by hand). Registering the same
+        the study trial it belongs to (None for a run trained by hand) with its seed index
+        ``repeat`` (its training seed is the config's ``seed``). Registering the same
         run again updates its directory and fills in study/trial; a different config hash for
         an existing run_id is an error (a run's config never changes)."""
         config_json = to_json(dict(config), f"run {run_id!r} config")
@@ -695,12 +717,13 @@ class Store:
             con.execute(
                 """
                 INSERT INTO runs (run_id, study, trial, run_dir, config, config_hash,
-                    registered_at)
-                VALUES (?, ?, ?, ?, ?, ?, ?)
+                    registered_at, repeat, seed)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
                 ON CONFLICT DO UPDATE SET
                     run_dir = excluded.run_dir,
                     study = coalesce(excluded.study, study),
-                    trial = coalesce(excluded.trial, trial)
+                    trial = coalesce(excluded.trial, trial),
+                    repeat = coalesce(excluded.repeat, repeat)
                 """,
                 [
                     run_id,
@@ -710,6 +733,8 @@ class Store:
                     config_json,
                     config_hash,
                     time.time(),
+                    repeat,
+                    config.get("seed"),
                 ],
             )
 
@@ -730,6 +755,7 @@ class Store:
         run = RunDir(run_dir)
         metrics = _read_metrics(run.metrics)
         samples = _read_manifest(run.manifest, run.samples)
+        images = _read_eval_images(run)
         config = run.read_config()
         with self.transaction() as con:
             registered = con.execute("SELECT 1 FROM runs WHERE run_id = ?", [run_id]).fetchone()
@@ -740,18 +766,20 @@ class Store:
                         "not exist: register_run first"
                     )
                 con.execute(
-                    "INSERT INTO runs (run_id, run_dir, config, config_hash, registered_at) "
-                    "VALUES (?, ?, ?, ?, ?)",
+                    "INSERT INTO runs (run_id, run_dir, config, config_hash, registered_at, "
+                    "seed) VALUES (?, ?, ?, ?, ?, ?)",
                     [
                         run_id,
                         str(run.root.resolve()),
                         to_json(config, f"{run.config}"),
                         str(config.get("config_hash", "")),
                         time.time(),
+                        config.get("seed"),
                     ],
                 )
             m_new, m_changed = _upsert(con, "metrics", run_id, metrics, _METRICS_UPSERT)
             s_new, s_changed = _upsert(con, "samples", run_id, samples, _SAMPLES_UPSERT)
+            _upsert(con, "eval_images", run_id, images, _EVAL_IMAGES_UPSERT)
         return IngestResult(
             len(metrics), m_new, m_changed - m_new, len(samples), s_new, s_changed - s_new
         )
@@ -1026,6 +1054,37 @@ class Store:
 # Both upserts insert a whole run's rows in one statement from list parameters (unnest zips
 # them): over 100x faster than executemany, which runs one statement per row in DuckDB.
 # A stored row is rewritten only when the file says something else (a resumed run redid it).
+_EVAL_IMAGES_UPSERT = """
+INSERT INTO eval_images (run_id, step, split, row, sample_seed, labels, correct)
+SELECT ?, unnest(?), unnest(?), unnest(?), unnest(?), unnest(?), unnest(?)
+ON CONFLICT DO UPDATE SET sample_seed = excluded.sample_seed, labels = excluded.labels,
+    correct = excluded.correct
+WHERE correct IS DISTINCT FROM excluded.correct OR labels IS DISTINCT FROM excluded.labels
+"""
+
+
+def _read_eval_images(run: Any) -> list[tuple[Any, ...]]:
+    """Rows of ``eval_images`` from a run directory's ``evals/step_*.npz`` files (the features
+    stay in the files); a malformed file raises :class:`IngestError` naming it."""
+    from trainers.evaluate import read_eval_images
+
+    rows = []
+    for step, path in sorted(run.eval_image_files().items()):
+        try:
+            im = read_eval_images(path)
+        except ValueError as err:
+            raise IngestError(str(err)) from None
+        for split, seeds, labels, correct in (
+            ("seen", im.seen_seeds, im.seen_labels, im.seen_correct),
+            ("heldout", im.heldout_seeds, im.heldout_labels, im.heldout_correct),
+        ):
+            rows += [
+                (step, split, i, int(seeds[i]), labels[i].tolist(), correct[i].tolist())
+                for i in range(len(seeds))
+            ]
+    return rows
+
+
 _METRICS_UPSERT = """
 INSERT INTO metrics (run_id, step, name, value, time)
 SELECT ?, unnest(?), unnest(?), unnest(?), unnest(?)

@@ -18,13 +18,24 @@ import torch
 
 from trainers.config import TimestepConfig
 from trainers.text import TextEmbeddings
-from trainers.timesteps import sample_timesteps, sampling_schedule
+from trainers.timesteps import sampling_schedule, timesteps_from_uniform
+
+
+@dataclass(frozen=True)
+class FlowGenerators:
+    """The random streams of one flow-matching step, one per purpose, so that how many numbers
+    one purpose draws never shifts another's (common random numbers across configurations)."""
+
+    timesteps: torch.Generator | None = None  # the uniforms u behind t
+    noise: torch.Generator | None = None  # eps
 
 
 @dataclass(frozen=True)
 class FlowLoss:
     loss: torch.Tensor  # scalar
-    t: torch.Tensor  # [B] timesteps used
+    t: torch.Tensor  # [B] timesteps used (x0's device)
+    u: torch.Tensor  # [B] the uniforms t was transformed from (CPU)
+    eps: torch.Tensor  # [B, C, H, W] the noise (x0's device and dtype)
 
 
 def flow_matching_loss(
@@ -32,23 +43,27 @@ def flow_matching_loss(
     x0: torch.Tensor,
     timesteps: TimestepConfig,
     shift: float,
-    generator: torch.Generator | None = None,
+    generators: FlowGenerators | None = None,
 ) -> FlowLoss:
     """MSE between the predicted and the true velocity at sampled t.
 
     predict: ``(x_t [B, C, H, W], t [B]) -> v``, the network with its conditioning bound.
-    x0: [B, C, H, W] clean data. Noise and t are drawn on the CPU from ``generator`` and moved to
-    x0's device, so the same generator state gives the same draws on any device.
+    x0: [B, C, H, W] clean data. ``u ~ U(0, 1)`` [B] is drawn from ``generators.timesteps`` and
+    mapped to t by the configured sampler (:func:`timesteps_from_uniform`); eps from
+    ``generators.noise``. Both are drawn on the CPU and moved to x0's device, so the same
+    generator states give the same draws on any device, and for any timestep configuration.
     """
+    gens = generators or FlowGenerators()
     b = x0.shape[0]
-    t = sample_timesteps(timesteps, b, shift, generator)
-    eps = torch.randn(x0.shape, generator=generator, dtype=torch.float32)
-    t, eps = t.to(x0.device), eps.to(x0.device, x0.dtype)
+    u = torch.rand(b, generator=gens.timesteps)
+    eps = torch.randn(x0.shape, generator=gens.noise, dtype=torch.float32)
+    t = timesteps_from_uniform(timesteps, u, shift).to(x0.device)
+    eps = eps.to(x0.device, x0.dtype)
     tb = t.view(b, *([1] * (x0.dim() - 1)))
     x_t = (1.0 - tb) * x0 + tb * eps
     pred = predict(x_t, t)
     loss = torch.mean((pred.float() - (eps - x0).float()) ** 2)
-    return FlowLoss(loss, t)
+    return FlowLoss(loss, t, u, eps)
 
 
 @torch.no_grad()

@@ -6,6 +6,10 @@ run_dir/
   metrics.jsonl    {"step", "name", "value", "time"} one per line, appended
   samples/         PNG images + manifest.jsonl {prompt_id, prompt, seed, nfe, cfg, path, ...}
   checkpoints/     latest.pt: resumable state (model, EMA, optimizer, RNG, step)
+  evals/           step_0000500.npz: per-image results of each domain evaluation (the shapes
+                   data): labels, correctness, features, sampling seeds and the reference
+                   statistics, from which the logged metrics are recomputed
+                   (trainers/evaluate.py: read_eval_images, eval_image_files)
   final/           the trained model in the diffusers format (save_pretrained per component)
   status.json      written when the trainer ends: {"status": ok|stopped|failed, "reason", "step"}
   stdout.log stderr.log
@@ -19,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +31,9 @@ from typing import Any
 import torch
 
 STATUSES = ("ok", "stopped", "failed")
+
+# evals/step_{step:07d}.npz; the pattern accepts any number of digits.
+EVAL_IMAGES_RE = re.compile(r"step_(\d+)\.npz")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -67,6 +75,7 @@ class RunDir:
         self.manifest = self.samples / "manifest.jsonl"
         self.checkpoints = self.root / "checkpoints"
         self.checkpoint = self.checkpoints / "latest.pt"
+        self.evals = self.root / "evals"
         self.final = self.root / "final"
         self.status = self.root / "status.json"
         self.stdout = self.root / "stdout.log"
@@ -114,13 +123,32 @@ class RunDir:
         with open(self.manifest, "a") as f:
             f.write("".join(json.dumps(r) + "\n" for r in records))
 
+    def eval_images(self, step: int) -> Path:
+        """Where the per-image results of the evaluation at ``step`` go."""
+        return self.evals / f"step_{step:07d}.npz"
+
+    def eval_image_files(self) -> dict[int, Path]:
+        """``{step: path}`` of the per-image evaluation files, by step."""
+        if not self.evals.is_dir():
+            return {}
+        found = {}
+        for path in self.evals.iterdir():
+            m = EVAL_IMAGES_RE.fullmatch(path.name)
+            if m:
+                found[int(m.group(1))] = path
+        return dict(sorted(found.items()))
+
     def truncate_after(self, step: int) -> None:
-        """Drop metrics and sample records logged after ``step`` (a resumed run redoes them)."""
+        """Drop metrics, sample records and per-image evaluation files of steps after
+        ``step`` (a resumed run redoes them)."""
         for path in (self.metrics, self.manifest):
             records = read_jsonl(path)
             kept = [r for r in records if r.get("step", 0) <= step]
             if len(kept) != len(records) or path.exists():
                 atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        for s, path in self.eval_image_files().items():
+            if s > step:
+                path.unlink(missing_ok=True)
 
     # -- status ---------------------------------------------------------------------------
     def write_status(self, status: str, step: int, reason: str = "", **extra: Any) -> None:

@@ -2,10 +2,22 @@
 
 Convention: t in [0, 1], t = 0 is data, t = 1 is noise.
 
-``uniform``, ``logit_normal`` and ``mode`` come from ``diffusers.training_utils.
-compute_density_for_timestep_sampling``. ``cosmap`` is written here because diffusers only has it
-as a loss weight (``compute_loss_weighting_for_sd3``), not as a sampler: SD3 eq. 20 maps
-``u ~ U(0, 1)`` through ``t = 1 - 1 / (tan(pi u / 2) + 1)``.
+Every sampler is a deterministic, increasing transform (an inverse CDF) of one uniform draw
+``u ~ U(0, 1)`` per image:
+
+- ``uniform``: ``t = u``;
+- ``logit_normal``: ``t = sigmoid(m + s * ndtri(u))``, i.e. ``logit(t) ~ N(m, s)``;
+- ``mode`` (SD3 eq. 21): ``t = 1 - u - c (cos^2(pi u / 2) - 1 + u)``;
+- ``cosmap`` (SD3 eq. 20): ``t = 1 - 1 / (tan(pi u / 2) + 1)``.
+
+``uniform``, ``logit_normal`` and ``mode`` have the densities of ``diffusers.training_utils.
+compute_density_for_timestep_sampling`` (the tests check it), but are deliberately *not* drawn by
+calling it: diffusers draws ``logit_normal`` from ``torch.normal`` and the others from
+``torch.rand``, so two configurations differing only in the sampler would consume different
+random numbers. Written as quantile transforms of the same ``u`` (quantile coupling), two
+configurations trained with the same seed see the same ``u`` at every step (common random
+numbers), so the difference of their results is paired rather than confounded with sampling
+noise. ``cosmap`` exists in diffusers only as a loss weight (``compute_loss_weighting_for_sd3``).
 
 The shift ``t' = s t / (1 + (s - 1) t)`` (SD3 eq. 23) is applied after sampling; ``s > 1`` moves
 mass towards noise, which higher resolutions need. ``auto`` picks SD3's ``s = sqrt(m / n)``.
@@ -17,34 +29,33 @@ import math
 from collections.abc import Callable
 
 import torch
-from diffusers.training_utils import compute_density_for_timestep_sampling
 
 from trainers.config import TimestepConfig
 
-
-def _uniform(cfg: TimestepConfig, n: int, gen: torch.Generator | None) -> torch.Tensor:
-    return compute_density_for_timestep_sampling("none", n, generator=gen)
+# Each transform maps u [n] float64 in [0, 1) to t [n] float64 in [0, 1].
 
 
-def _logit_normal(cfg: TimestepConfig, n: int, gen: torch.Generator | None) -> torch.Tensor:
-    return compute_density_for_timestep_sampling(
-        "logit_normal", n, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std, generator=gen
-    )
+def _uniform(cfg: TimestepConfig, u: torch.Tensor) -> torch.Tensor:
+    return u
 
 
-def _mode(cfg: TimestepConfig, n: int, gen: torch.Generator | None) -> torch.Tensor:
-    return compute_density_for_timestep_sampling(
-        "mode", n, mode_scale=cfg.mode_scale, generator=gen
-    )
+def _logit_normal(cfg: TimestepConfig, u: torch.Tensor) -> torch.Tensor:
+    # ndtri(0) = -inf -> t = 0, which sample_timesteps clamps like any other endpoint.
+    return torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.special.ndtri(u))
 
 
-def _cosmap(cfg: TimestepConfig, n: int, gen: torch.Generator | None) -> torch.Tensor:
-    u = torch.rand(n, generator=gen)
+def _mode(cfg: TimestepConfig, u: torch.Tensor) -> torch.Tensor:
+    # diffusers' formula, on our u (decreasing in u for the allowed mode_scale: still a
+    # quantile transform, of 1 - u, which has the same law).
+    return 1.0 - u - cfg.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1.0 + u)
+
+
+def _cosmap(cfg: TimestepConfig, u: torch.Tensor) -> torch.Tensor:
     return 1.0 - 1.0 / (torch.tan(math.pi * u / 2) + 1.0)
 
 
-# Name -> sampler; the names are the public values of ``timesteps.sampler``.
-SAMPLERS: dict[str, Callable[[TimestepConfig, int, torch.Generator | None], torch.Tensor]] = {
+# Name -> transform of u; the names are the public values of ``timesteps.sampler``.
+SAMPLERS: dict[str, Callable[[TimestepConfig, torch.Tensor], torch.Tensor]] = {
     "uniform": _uniform,
     "logit_normal": _logit_normal,
     "mode": _mode,
@@ -72,13 +83,21 @@ def resolve_shift(cfg: TimestepConfig, resolution: int) -> float:
     return float(cfg.shift)
 
 
+def timesteps_from_uniform(cfg: TimestepConfig, u: torch.Tensor, shift: float) -> torch.Tensor:
+    """Training timesteps [n] (float32, on ``u``'s device) from uniforms ``u`` [n] in [0, 1):
+    the configured sampler's quantile transform, then the shift. Element i depends only on
+    ``u[i]``, so equal ``u`` couple the draws of any two timestep configurations."""
+    t = SAMPLERS[cfg.sampler](cfg, u.double())
+    # Keep t strictly inside (0, 1): u = 0 and rounding can give exactly 0 or 1.
+    return shift_timesteps(t, shift).clamp(1e-5, 1.0 - 1e-5).float()
+
+
 def sample_timesteps(
     cfg: TimestepConfig, n: int, shift: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Draw ``n`` training timesteps in [0, 1] (float32, CPU), shift applied."""
-    t = SAMPLERS[cfg.sampler](cfg, n, generator)
-    # Keep t strictly inside (0, 1): float32 sigmoid can round to exactly 0 or 1.
-    return shift_timesteps(t, shift).clamp(1e-5, 1.0 - 1e-5)
+    """Draw ``n`` training timesteps in [0, 1] (float32, CPU), shift applied: ``n`` uniforms
+    from ``generator`` (``torch.rand``), transformed by :func:`timesteps_from_uniform`."""
+    return timesteps_from_uniform(cfg, torch.rand(n, generator=generator), shift)
 
 
 def sampling_schedule(steps: int, shift: float) -> torch.Tensor:

@@ -3,9 +3,18 @@
 One process (or one per GPU under ``torchrun``) trains, evaluates and writes the run directory
 (``trainers/rundir.py``). Guarantees:
 
-- Resume: every random draw of step ``k`` (batch, caption dropout, t, noise) comes from a
-  generator seeded by ``(seed, k, rank)``, so a run restarted from its checkpoint continues
-  exactly as an uninterrupted run would.
+- Resume: every random draw of step ``k`` (batch, caption dropout, t, noise) is a function of
+  ``(seed, k, rank)``, so a run restarted from its checkpoint continues exactly as an
+  uninterrupted run would.
+- Common random numbers: the batch order depends on ``seed`` only, and caption dropout, the
+  uniforms behind t and the noise each have their own generator seeded by
+  ``(seed, k, rank, purpose)`` (:func:`step_generators`); every timestep sampler is a transform
+  of the same uniforms (``trainers/timesteps.py``). Two configurations that differ only in
+  training choices (timestep sampler or shift, REPA, ...) and share a seed therefore see the
+  same data order, dropout masks, uniforms and noise, and start from the same denoiser weights
+  (the global RNG is seeded with ``seed`` before the data, the text encoder and the denoiser are
+  built, and nothing that depends on the timesteps or REPA draws from it before; REPA's
+  projector is built after), so their difference is paired seed by seed.
 - SIGTERM / SIGINT: checkpoint, ``status: stopped``, exit 0.
 - A non-finite loss: ``status: failed`` with the step and reason, exit 1.
 - Bad config, data or weights: ``status: failed`` with the message, exit 2.
@@ -15,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import math
 import os
 import signal
@@ -33,7 +43,7 @@ from torch import nn
 from trainers.config import ConfigError, FlowConfig, load_config
 from trainers.errors import DataError, WeightsError
 from trainers.export import generate_images, save_export, state_dict_hash
-from trainers.flow import flow_matching_loss, grid_flow_loss, solver_nfe
+from trainers.flow import FlowGenerators, flow_matching_loss, grid_flow_loss, solver_nfe
 from trainers.logs import Progress, tee_output
 from trainers.models import build_denoiser, count_parameters
 from trainers.repa import Repa, build_repa
@@ -83,10 +93,43 @@ def init_distributed(device_arg: str) -> Dist:
 
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """One stream for all the draws of a step: the distillation trainer's (its methods draw in
+    their own order). The flow trainer uses :func:`step_generators` instead."""
     # A distinct, reproducible stream per (seed, step, rank); large odd multipliers keep the
     # streams of neighbouring steps and ranks apart.
     return torch.Generator().manual_seed(
         (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63)
+    )
+
+
+def purpose_generator(seed: int, step: int, rank: int, purpose: str) -> torch.Generator:
+    """A CPU generator seeded by a hash of ``(seed, step, rank, purpose)``: independent streams
+    for different purposes, steps, ranks and seeds, and the same stream in any configuration."""
+    key = f"{seed}/{step}/{rank}/{purpose}".encode()
+    digest = hashlib.blake2b(key, digest_size=8, person=b"flowstep").digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+@dataclass(frozen=True)
+class StepGenerators:
+    """The flow trainer's random streams of one step, one per purpose. Separate streams make
+    the draws of one purpose independent of how many numbers another consumes (common random
+    numbers: e.g. the noise is the same whatever the timestep sampler)."""
+
+    dropout: torch.Generator  # caption dropout mask
+    timesteps: torch.Generator  # the uniforms u behind t
+    noise: torch.Generator  # eps
+
+    def flow(self) -> FlowGenerators:
+        return FlowGenerators(timesteps=self.timesteps, noise=self.noise)
+
+
+def step_generators(seed: int, step: int, rank: int) -> StepGenerators:
+    """The streams of step ``step`` on rank ``rank``: :func:`purpose_generator` per purpose."""
+    return StepGenerators(
+        dropout=purpose_generator(seed, step, rank, "dropout"),
+        timesteps=purpose_generator(seed, step, rank, "timesteps"),
+        noise=purpose_generator(seed, step, rank, "noise"),
     )
 
 
@@ -201,6 +244,9 @@ class FlowTrainer:
             raise ConfigError(
                 f"train.batch_size {cfg.train.batch_size} is not divisible by {dist_.world} ranks"
             )
+        # Initial weights (text encoder, then denoiser) come from the global RNG seeded here;
+        # keep anything that a training choice (timesteps, REPA, ...) builds after build_net,
+        # so that configurations sharing a seed start from the same denoiser (paired seeds).
         torch.manual_seed(cfg.seed)
         self.data = load_data(cfg, self.device)
         self.shift = resolve_shift(cfg.timesteps, cfg.data.resolution)
@@ -312,13 +358,23 @@ class FlowTrainer:
         """What a subclass adds to :meth:`state` beyond the flow trainer's own."""
 
     # -- one step ---------------------------------------------------------------------------
+    def draw_batch(
+        self, step: int, gens: StepGenerators | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's batch indices [B_local] of step ``step`` and their caption-dropout mask
+        [B_local] bool: functions of (seed, step, rank) alone."""
+        if gens is None:
+            gens = step_generators(self.cfg.seed, step, self.dist.rank)
+        idx = self.order.indices(step, self.dist.rank, self.dist.world)
+        drop = torch.rand(len(idx), generator=gens.dropout) < self.cfg.text.cfg_dropout
+        return idx, drop
+
     def train_step(self) -> tuple[float, float]:
         """One optimizer step; returns (loss, grad norm). Raises NonFiniteLoss."""
         cfg = self.cfg
-        gen = step_generator(cfg.seed, self.step, self.dist.rank)
-        idx = self.order.indices(self.step, self.dist.rank, self.dist.world)
+        gens = step_generators(cfg.seed, self.step, self.dist.rank)
+        idx, drop = self.draw_batch(self.step, gens)
         x0 = self.data.batch(idx, self.device)
-        drop = torch.rand(len(idx), generator=gen) < cfg.text.cfg_dropout
         captions = [
             "" if d else self.data.captions[i]
             for i, d in zip(idx.tolist(), drop.tolist(), strict=True)
@@ -329,7 +385,11 @@ class FlowTrainer:
             enabled=self.autocast_dtype is not None,
         ):
             out = flow_matching_loss(
-                lambda x, t: self.model(x, t, captions), x0, cfg.timesteps, self.shift, gen
+                lambda x, t: self.model(x, t, captions),
+                x0,
+                cfg.timesteps,
+                self.shift,
+                gens.flow(),
             )
             loss = out.loss
             if self.repa is not None:  # the hook captured block repa.layer in that forward
@@ -403,7 +463,8 @@ class FlowTrainer:
 
     def evaluate(self) -> dict[str, float]:
         """The EMA model's ``eval/flow_loss`` (any data) and domain metrics of its samples
-        (embedded data only), logged at the current step."""
+        (embedded data only), logged at the current step; the domain evaluation's per-image
+        results go to ``evals/step_{step:07d}.npz`` (``trainers/evaluate.py``)."""
         if not self.dist.main:
             return {}
         net = self.ema_model()
@@ -416,7 +477,9 @@ class FlowTrainer:
             values |= self.evaluator.run(
                 self._generator_fn(
                     net, self.cfg.eval.solver, self.cfg.eval.steps, self.cfg.eval.guidance
-                )
+                ),
+                images_path=self.run.eval_images(self.step),
+                step=self.step,
             )
         self.run.log_metrics(self.step, values)
         return values

@@ -312,6 +312,67 @@ def test_domain_metrics_compute_is_repeatable_and_reset(random_net: AttributeNet
     assert m.compute() == first
 
 
+def test_per_image_results_recompute_the_metrics(random_net: AttributeNet) -> None:
+    """keep_per_image keeps every image's features and correctness, in order, buffered chunk
+    included; the metrics recomputed from them are compute()'s, which the flag leaves alone."""
+    x, y = real(seed=11, split="val", size=300)  # 2 full chunks of 128 + a partial one
+    ref = gaussian_stats(random_net.features(real(seed=12, split="val", size=100)[0]).detach())
+    plain = DomainMetrics(random_net, ref)
+    kept = DomainMetrics(random_net, ref, keep_per_image=True)
+    for i in range(0, 300, 70):
+        plain.update(x[i : i + 70], y[i : i + 70])
+        kept.update(x[i : i + 70], y[i : i + 70])
+    values = kept.compute()
+    assert values == plain.compute()  # bit-identical with or without per-image rows
+    rows = kept.per_image()
+    assert rows.features.shape == (300, random_net.feature_dim)
+    assert rows.features.dtype == np.float64 and rows.correct.dtype == bool
+    assert rows.labels.dtype == np.int64 and np.array_equal(rows.labels, y.numpy())
+    assert kept.num_images == 300 and kept.compute() == values  # per_image consumed nothing
+    with torch.no_grad():
+        direct = random_net.features(x).double().numpy()
+        logits = random_net(x)
+    np.testing.assert_allclose(rows.features, direct, rtol=1e-5, atol=1e-6)
+    pred = torch.stack([logits[a].argmax(1) for a in ATTRIBUTE_NAMES], 1).numpy()
+    # Float rounding across batch shapes can flip a near-tie argmax; allow a handful.
+    assert (rows.correct != (pred == y.numpy())).sum() <= 3
+    for j, name in enumerate(ATTRIBUTE_NAMES):
+        assert values[f"attr_acc/{name}"] == pytest.approx(rows.correct[:, j].mean(), abs=1e-12)
+    assert values["attr_acc_mean"] == pytest.approx(rows.correct.mean(0).mean(), abs=1e-12)
+    assert values["attr_all_correct"] == pytest.approx(rows.correct.all(1).mean(), abs=1e-12)
+    fid = frechet_distance(
+        rows.features.mean(0), np.cov(rows.features, rowvar=False), ref[0], ref[1]
+    )
+    assert values["domain_fid"] == pytest.approx(fid, rel=1e-6, abs=1e-12)
+
+
+def test_per_image_results_independent_of_batch_size(random_net: AttributeNet) -> None:
+    x, y = real(seed=13, split="val", size=150)
+    ref = gaussian_stats(random_net.features(x).detach())
+    out = []
+    for bs in (1, 150):
+        m = DomainMetrics(random_net, ref, keep_per_image=True)
+        for i in range(0, len(x), bs):
+            m.update(x[i : i + bs], y[i : i + bs])
+        out.append(m.per_image())
+    assert np.array_equal(out[0].features, out[1].features)
+    assert np.array_equal(out[0].correct, out[1].correct)
+    assert np.array_equal(out[0].labels, out[1].labels)
+
+
+def test_per_image_needs_the_flag_and_reset_clears_it(random_net: AttributeNet) -> None:
+    x, y = real(seed=14, split="val", size=6)
+    ref = gaussian_stats(random_net.features(x).detach())
+    with pytest.raises(RuntimeError, match="keep_per_image=True"):
+        DomainMetrics(random_net, ref).per_image()
+    m = DomainMetrics(random_net, ref, keep_per_image=True)
+    assert m.per_image().features.shape == (0, random_net.feature_dim)
+    m.update(x, y)
+    assert len(m.per_image().labels) == 6
+    m.reset()
+    assert len(m.per_image().labels) == 0
+
+
 def test_domain_metrics_reference_of_same_images_gives_zero_fid(
     random_net: AttributeNet, tmp_path: Path
 ) -> None:

@@ -83,10 +83,13 @@ def test_tiny_study_runs_records_and_reports(tmp_path: Path) -> None:
     assert store.query("SELECT count(*) AS n FROM samples")[0]["n"] > 0
     # The objective is the last domain_fid the trainer wrote.
     for t in study.trials:
-        final = [m for m in store.metrics(f"tiny/{t.number:04d}") if m["name"] == "domain_fid"][-1]
+        final = [m for m in store.metrics(f"tiny/{t.number:04d}/s0") if m["name"] == "domain_fid"][
+            -1
+        ]
         assert t.values[0] == pytest.approx(final["value"])
     report = ablation_markdown(study, spec.metrics, spec.directions)
-    assert "## timesteps.sampler" in report and "| cosmap | 1 |" in report
+    assert "## Effects against the best configuration: sampler=" in report
+    assert "**One training seed per configuration**" in report and "## Rank table" in report
     # The CLI report: Markdown on stdout, HTML with the plots and the best trial's samples.
     html_path = tmp_path / "tiny.html"
     res = CliRunner().invoke(
@@ -94,12 +97,12 @@ def test_tiny_study_runs_records_and_reports(tmp_path: Path) -> None:
         ["study", "report", "tiny", "--workdir", str(tmp_path / "work"), "--html", str(html_path)],
     )
     assert res.exit_code == 0, res.output
-    assert "## timesteps.sampler" in res.stdout and '"sampler": "' in res.stdout  # best config
+    assert "## Rank table" in res.stdout and '"sampler": "' in res.stdout  # best config
     page = html_path.read_text()
-    for title in ("Objective history", "Parameter slices", "domain_fid against step"):
+    for title in ("Effects against", "Objective history", "domain_fid against step"):
         assert f"<h2>{title}" in page, title
-    assert "trial 0 (complete)" in page and "trial 1 (complete)" in page  # one curve per trial
-    best_samples = store.samples(f"tiny/{study.best_trial.number:04d}")
+    assert "sampler=cosmap" in page and "sampler=uniform" in page  # curves named by values
+    best_samples = store.samples(f"tiny/{study.best_trial.number:04d}/s0")
     final = [s for s in best_samples if s["tag"] == "final"]
     assert final and page.count('<img src="data:image/png;base64,') == len(final)
     # Rerunning a finished study runs nothing more.
@@ -135,7 +138,7 @@ def test_sigkill_runner_and_trainer_then_resume(tmp_path: Path) -> None:
     runner = subprocess.Popen(
         cmd, env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    ckpt = work / "runs" / "killed" / "0000" / "checkpoints" / "latest.pt"
+    ckpt = work / "runs" / "killed" / "0000" / "s0" / "checkpoints" / "latest.pt"
     deadline = time.time() + 240
     while time.time() < deadline and not ckpt.exists():
         time.sleep(0.1)
@@ -188,7 +191,7 @@ def test_a_repeated_config_reuses_the_result(tmp_path: Path) -> None:
     assert second.user_attrs["repeat_of"] == 0 and second.values == first.values
     assert not (tmp_path / "work" / "runs" / "repeat" / "0001").exists()
     report = ablation_markdown(study, ["domain_fid"], ["minimize"])
-    assert "| cosmap | 1 |" in report and "result reused" in report
+    assert "result reused" in report
 
 
 def test_pruned_trial_gets_sigterm_and_is_recorded_as_pruned(tmp_path: Path, monkeypatch) -> None:
@@ -204,7 +207,7 @@ def test_pruned_trial_gets_sigterm_and_is_recorded_as_pruned(tmp_path: Path, mon
     study = StudyRunner(load_study(study_file), tmp_path / "work").run()
     (trial,) = study.trials
     assert trial.state == optuna.trial.TrialState.PRUNED
-    run = Path(trial.user_attrs["run_dir"])
+    run = Path(trial.user_attrs["run_dir"]) / "s0"
     status = json.loads((run / "status.json").read_text())
     assert status["status"] == "stopped" and status["step"] < 400  # stopped early by SIGTERM
     assert (run / "checkpoints" / "latest.pt").exists()
@@ -229,7 +232,7 @@ def test_a_trial_left_running_by_a_worker_on_another_host_is_retried_after_its_h
     spec.suggest(remote)
     remote.set_user_attr("run_number", 0)
     runner.storage.record_heartbeat(remote._trial_id)
-    run_dir = runner.work.run_dir("remote", 0)
+    run_dir = runner.work.run_dir("remote", 0) / "s0"
     run_dir.mkdir(parents=True)
     info = {"host": "elsewhere", "runner_pid": 1, "trainer_pid": 1, "trial": 0}
     (run_dir / "runner.json").write_text(json.dumps(info))
@@ -258,7 +261,7 @@ def test_ctrl_c_stops_the_trainer_cleanly_and_the_rerun_resumes_it(tmp_path: Pat
     runner = subprocess.Popen(
         cmd, env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    run_dir = work / "runs" / "ctrlc" / "0000"
+    run_dir = work / "runs" / "ctrlc" / "0000" / "s0"
     deadline = time.time() + 240
     while time.time() < deadline and not (run_dir / "checkpoints" / "latest.pt").exists():
         time.sleep(0.1)
@@ -282,3 +285,57 @@ def test_ctrl_c_stops_the_trainer_cleanly_and_the_rerun_resumes_it(tmp_path: Pat
     runs = sorted(t.user_attrs["run_number"] for t in complete)
     assert len(complete) == 2 and runs[0] == 0 and runs[1] != 0
     assert f"resuming at step {status['step']}" in (run_dir / "stdout.log").read_text()
+
+
+def test_repeats_train_each_configuration_per_seed_and_optuna_sees_the_mean(
+    tmp_path: Path,
+) -> None:
+    study_file = write_study(
+        tmp_path / "seeds.yaml",
+        {"timesteps.sampler": ["uniform", "cosmap"]},
+        2,
+        repeats=2,
+        design="grid",
+        baseline={"timesteps.sampler": "uniform"},
+        resources={"devices": "cpu", "trials_per_device": 2},
+    )
+    study_file.write_text(study_file.read_text().replace("trials: 2\n", ""))
+    spec = load_study(study_file)
+    work = tmp_path / "work"
+    study = StudyRunner(spec, work).run()
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    store = Store(work / "harness.duckdb")
+    for t in study.trials:
+        root = Path(t.user_attrs["run_dir"])
+        assert t.user_attrs["seeds"] == [0, 1]
+        configs = [json.loads((root / f"s{k}" / "config.json").read_text()) for k in (0, 1)]
+        assert [c["seed"] for c in configs] == [0, 1]
+        per_seed = t.user_attrs["seed_values"]["domain_fid"]
+        finals = []
+        for k in (0, 1):
+            rows = store.metrics(f"seeds/{t.number:04d}/s{k}", "domain_fid")
+            finals.append(rows[-1]["value"])
+            assert (root / f"s{k}" / "evals").is_dir()  # per-image results of each evaluation
+        assert per_seed == pytest.approx(finals)
+        assert t.values[0] == pytest.approx(sum(finals) / 2)  # Optuna sees the mean
+    runs = store.query("SELECT run_id, repeat, seed FROM runs ORDER BY run_id")
+    assert [(r["repeat"], r["seed"]) for r in runs] == [(0, 0), (1, 1)] * 2
+    assert store.query("SELECT count(*) AS n FROM eval_images")[0]["n"] > 0
+    # Seed k of both configurations started from the same weights (common random numbers) and
+    # the two configurations differ: their seed-0 runs are not copies of each other.
+    a, b = (Path(t.user_attrs["run_dir"]) for t in study.trials)
+    assert (a / "s0" / "stdout.log").exists() and (b / "s1" / "stdout.log").exists()
+    # The report pairs the seeds: two seeds give an interval.
+    res = CliRunner().invoke(app, ["study", "report", "seeds", "--workdir", str(work), "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    fid = [e for e in doc["effects"] if e["metric"] == "domain_fid"]
+    assert len(fid) == 1 and fid[0]["n_seeds"] == 2 and fid[0]["ci_low"] is not None
+    assert doc["baseline"]["label"] == "sampler=uniform"
+    # Seed runs that finished are never trained again: with the Optuna file lost, a rerun asks
+    # the same configurations again and takes every seed's result from its run directory.
+    logs = {p: p.stat().st_size for p in (work / "runs").rglob("stdout.log")}
+    (work / "optuna.db").unlink()
+    again = StudyRunner(spec, work).run()
+    assert {p: p.stat().st_size for p in logs} == logs
+    assert [t.values[0] for t in again.trials] == pytest.approx([t.values[0] for t in study.trials])

@@ -683,11 +683,10 @@ def test_timestep_study() -> None:
     spec = load_study(STUDIES / "timestep.yaml")
     assert spec.name == "timestep" and spec.trainer == "flow" and spec.trials == 4
     assert spec.metrics == ["domain_fid"] and spec.directions == ["minimize"]
-    assert (spec.optuna.sampler, spec.optuna.pruner, spec.optuna.seed) == ("tpe", "median", 19)
+    assert (spec.design, spec.repeats, spec.optuna.pruner) == ("grid", 3, "none")
     assert spec.search["timesteps.sampler"].values == ["uniform", "logit_normal", "mode", "cosmap"]
-    assert spec.search["timesteps.logit_std"].when == {"timesteps.sampler": "logit_normal"}
     base = parse_config(spec.base)
-    assert base.train.steps == 750 and base.eval.every == 750 and base.eval.num_images == 128
+    assert base.train.steps == 300 and base.eval.every == 300 and base.eval.num_images == 128
     assert base.model.backbone == "unet"
     study = optuna.create_study(sampler=spec.make_sampler(), pruner=spec.make_pruner())
     for _ in range(8):
@@ -699,11 +698,12 @@ def test_timestep_study() -> None:
 def test_quick_variant_overrides_trials_and_steps_only() -> None:
     full = load_study(STUDIES / "timestep.yaml")
     quick = load_study(STUDIES / "timestep-quick.yaml")
-    assert quick.trials == 3 and quick.base["train"]["steps"] == 100
+    assert quick.trials == 4 and quick.repeats == 2 and quick.base["train"]["steps"] == 100
     assert quick.name == "timestep-quick"  # its own runs/ folder and Optuna study
     assert quick.search == full.search and quick.objectives == full.objectives
     rest = copy.deepcopy(quick.base)
     rest["train"]["steps"] = full.base["train"]["steps"]
+    rest["eval"]["every"] = full.base["eval"]["every"]
     assert rest == full.base
 
 
@@ -723,7 +723,7 @@ def test_gpu_example_scales_up_the_default(tmp_path: Path) -> None:
     )
     assert (base.model.backbone, base.model.preset) == ("sd3", "dit-s")
     assert (base.data.resolution, base.train.precision) == (64, "bf16")
-    assert gpu.trials == 32 and gpu.metrics == ["domain_fid"]
+    assert gpu.trials * gpu.repeats == 32 and gpu.metrics == ["domain_fid"]
 
 
 def test_folder_example_needs_its_folder_and_uses_a_sampler_neutral_objective(
@@ -746,8 +746,8 @@ def test_cli_check_valid() -> None:
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert "study timestep: valid" in out and "minimize domain_fid" in out
-    assert "sampler tpe, pruner median, seed 19" in out and "trials:    4" in out
-    assert "timesteps.logit_std   float [0.5, 2.0]  (when timesteps.sampler = logit_normal)" in out
+    assert "design:    grid" in out and "4 configuration(s) x 3 seed(s) [0, 1, 2]" in out
+    assert '1: timesteps.sampler="logit_normal"' in out
 
 
 def test_cli_check_invalid(tmp_path: Path) -> None:

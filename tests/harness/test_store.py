@@ -33,6 +33,7 @@ from harness.store import (
 
 TABLES_V1 = {"schema_version", "studies", "trials", "runs", "metrics", "samples"}
 TABLES = TABLES_V1 | {"contestants", "raters", "comparisons", "scores", "judgments", "renders"}
+TABLES |= {"eval_images"}
 SPEC = {"name": "timestep", "search": {"shift": {"low": 1.0, "high": 6.0}}, "trials": 8}
 
 
@@ -132,6 +133,9 @@ def test_v1_file_is_migrated_to_the_latest_schema_with_its_rows(tmp_path: Path):
     assert migrated.query("SELECT version FROM schema_version") == [{"version": SCHEMA_VERSION}]
     with duckdb.connect(str(old), read_only=True) as con:
         after = {t: con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall() for t in TABLES_V1}
+    # v4 added runs.repeat and runs.seed: unknown (NULL) for a run recorded before seeds.
+    assert all(row[-2:] == (None, None) for row in after["runs"])
+    after["runs"] = [row[:-2] for row in after["runs"]]
     assert {t: v for t, v in after.items() if t != "schema_version"} == {
         t: v for t, v in before.items() if t != "schema_version"
     }

@@ -7,7 +7,14 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from trainers.config import TimestepConfig
-from trainers.flow import flow_matching_loss, grid_flow_loss, initial_noise, sample, solver_nfe
+from trainers.flow import (
+    FlowGenerators,
+    flow_matching_loss,
+    grid_flow_loss,
+    initial_noise,
+    sample,
+    solver_nfe,
+)
 from trainers.text import TextEmbeddings
 from trainers.timesteps import sampling_schedule
 
@@ -29,8 +36,8 @@ def _oracle(x_star: torch.Tensor):
 def test_loss_is_zero_for_the_exact_velocity() -> None:
     x_star = torch.randn(1, 3, 4, 4).expand(4, -1, -1, -1)
     oracle = _oracle(x_star)
-    gen = torch.Generator().manual_seed(0)
-    out = flow_matching_loss(lambda x, t: oracle(x, t, TEXT), x_star, TimestepConfig(), 1.0, gen)
+    gens = FlowGenerators(torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
+    out = flow_matching_loss(lambda x, t: oracle(x, t, TEXT), x_star, TimestepConfig(), 1.0, gens)
     assert out.loss.item() < 1e-9
 
 
@@ -42,17 +49,35 @@ def test_loss_sees_x_t_and_velocity_target() -> None:
         seen["x"], seen["t"] = x, t
         return torch.zeros_like(x)
 
-    gen = torch.Generator().manual_seed(3)
+    gens = FlowGenerators(torch.Generator().manual_seed(3), torch.Generator().manual_seed(4))
     predict = lambda x, t: model(x, t, TEXT)  # noqa: E731
-    out = flow_matching_loss(predict, x0, TimestepConfig(sampler="uniform"), 1.0, gen)
-    # Replay the same draws: t first, then eps.
-    g = torch.Generator().manual_seed(3)
-    t = torch.rand(4, generator=g).clamp(1e-5, 1 - 1e-5)
-    eps = torch.randn(x0.shape, generator=g)
+    out = flow_matching_loss(predict, x0, TimestepConfig(sampler="uniform"), 1.0, gens)
+    # Replay the draws: u from the timestep generator (uniform sampler: t = u), eps from the
+    # noise generator.
+    t = torch.rand(4, generator=torch.Generator().manual_seed(3)).clamp(1e-5, 1 - 1e-5)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(4))
     tb = t.view(4, 1, 1, 1)
-    assert torch.allclose(seen["t"], t)
+    assert torch.allclose(seen["t"], t) and torch.equal(out.t, seen["t"])
+    assert torch.equal(out.eps, eps) and torch.equal(out.u.clamp(1e-5, 1 - 1e-5), t)
     assert torch.allclose(seen["x"], (1 - tb) * x0 + tb * eps)
     assert out.loss.item() == pytest.approx(torch.mean((eps - x0) ** 2).item(), rel=1e-6)
+
+
+def test_noise_and_uniforms_do_not_depend_on_the_timestep_config() -> None:
+    """Common random numbers: the sampler and the shift change t, never u or eps."""
+    x0 = torch.randn(6, 3, 4, 4)
+    outs = []
+    for cfg, shift in [
+        (TimestepConfig(sampler="uniform"), 1.0),
+        (TimestepConfig(sampler="logit_normal", logit_mean=0.5), 1.0),
+        (TimestepConfig(sampler="mode"), 3.0),
+        (TimestepConfig(sampler="cosmap"), 0.5),
+    ]:
+        gens = FlowGenerators(torch.Generator().manual_seed(7), torch.Generator().manual_seed(8))
+        outs.append(flow_matching_loss(lambda x, t: x, x0, cfg, shift, gens))
+    for out in outs[1:]:
+        assert torch.equal(out.u, outs[0].u) and torch.equal(out.eps, outs[0].eps)
+        assert not torch.equal(out.t, outs[0].t)
 
 
 @pytest.mark.parametrize("solver", ["euler", "heun"])

@@ -1,4 +1,5 @@
-"""Each timestep density against its closed-form CDF (Kolmogorov-Smirnov on 1e5 draws)."""
+"""Each timestep density against its closed-form CDF and against diffusers' sampler
+(Kolmogorov-Smirnov on 1e5 draws), and the quantile coupling of the samplers (one u each)."""
 
 import numpy as np
 import pytest
@@ -6,7 +7,14 @@ import torch
 from scipy import optimize, special, stats
 
 from trainers.config import TimestepConfig
-from trainers.timesteps import resolve_shift, sample_timesteps, sampling_schedule, shift_timesteps
+from trainers.timesteps import (
+    SAMPLERS,
+    resolve_shift,
+    sample_timesteps,
+    sampling_schedule,
+    shift_timesteps,
+    timesteps_from_uniform,
+)
 
 N = 100_000
 
@@ -113,3 +121,86 @@ def test_same_generator_same_draws() -> None:
 def test_invalid_mode_scale_rejected() -> None:
     with pytest.raises(ValueError, match="mode_scale"):
         TimestepConfig(sampler="mode", mode_scale=3.0)
+
+
+# diffusers' name and keyword arguments for the samplers it has.
+DIFFUSERS_CASES = {
+    "uniform": (TimestepConfig(sampler="uniform"), "none", {}),
+    "logit_normal(0,1)": (TimestepConfig(sampler="logit_normal"), "logit_normal", {}),
+    "logit_normal(-0.5,0.6)": (
+        TimestepConfig(sampler="logit_normal", logit_mean=-0.5, logit_std=0.6),
+        "logit_normal",
+        {"logit_mean": -0.5, "logit_std": 0.6},
+    ),
+    "mode(1.29)": (TimestepConfig(sampler="mode", mode_scale=1.29), "mode", {"mode_scale": 1.29}),
+    "mode(-0.5)": (TimestepConfig(sampler="mode", mode_scale=-0.5), "mode", {"mode_scale": -0.5}),
+}
+
+
+@pytest.mark.parametrize("name", list(DIFFUSERS_CASES))
+def test_sampler_matches_diffusers_density(name: str) -> None:
+    """Two-sample KS against diffusers' compute_density_for_timestep_sampling: the quantile
+    transforms have the reference densities (they are not drawn by calling it, see the module
+    docstring)."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    cfg, scheme, kwargs = DIFFUSERS_CASES[name]
+    kwargs = {"logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29} | kwargs
+    ref = compute_density_for_timestep_sampling(
+        scheme, N, generator=torch.Generator().manual_seed(99), **kwargs
+    )
+    ref = ref.double().clamp(1e-5, 1 - 1e-5).numpy()
+    result = stats.ks_2samp(_draws(cfg), ref)
+    assert result.pvalue > 1e-3, (
+        f"{name}: KS statistic {result.statistic:.4f}, p={result.pvalue:.2e}"
+    )
+
+
+def test_two_sample_ks_detects_a_wrong_density() -> None:
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    ref = compute_density_for_timestep_sampling(
+        "logit_normal", N, logit_mean=0.0, logit_std=1.0, generator=torch.Generator().manual_seed(9)
+    )
+    wrong = _draws(TimestepConfig(sampler="logit_normal", logit_std=1.1))
+    assert stats.ks_2samp(wrong, ref.double().numpy()).pvalue < 1e-6
+
+
+@pytest.mark.parametrize("mean,std", [(0.0, 1.0), (-0.5, 0.6), (1.0, 2.0)])
+def test_logit_of_logit_normal_is_normal(mean: float, std: float) -> None:
+    draws = _draws(TimestepConfig(sampler="logit_normal", logit_mean=mean, logit_std=std))
+    inside = draws[(draws > 1e-5) & (draws < 1 - 1e-5)]  # the clamp's atoms carry no logit
+    assert len(inside) > N - 50
+    result = stats.kstest(special.logit(inside), stats.norm(loc=mean, scale=std).cdf)
+    assert result.pvalue > 1e-3, f"KS statistic {result.statistic:.4f}, p={result.pvalue:.2e}"
+
+
+def test_every_sampler_is_a_monotone_transform_of_one_uniform() -> None:
+    """Quantile coupling: t depends on u alone, monotonically (increasing, or decreasing for
+    ``mode``), so two configurations fed the same u get maximally correlated t."""
+    u = torch.linspace(0.0, 1.0, 1001)[:-1]
+    for name in SAMPLERS:
+        for shift in (1.0, 3.0):
+            cfg = TimestepConfig(sampler=name)
+            t = timesteps_from_uniform(cfg, u, shift).double()
+            assert t.min() > 0 and t.max() < 1
+            d = torch.diff(t)
+            assert (d >= 0).all() or (d <= 0).all(), name
+            # element i depends on u[i] only (no cross-element draws)
+            assert torch.equal(timesteps_from_uniform(cfg, u[::7], shift).double(), t[::7])
+    assert torch.equal(timesteps_from_uniform(TimestepConfig(sampler="uniform"), u, 1.0)[1:], u[1:])
+    expected = torch.sigmoid(0.3 + 0.7 * torch.special.ndtri(u[1:].double())).float()
+    cfg = TimestepConfig(sampler="logit_normal", logit_mean=0.3, logit_std=0.7)
+    torch.testing.assert_close(timesteps_from_uniform(cfg, u[1:], 1.0), expected.clamp(1e-5, 1))
+
+
+def test_sample_timesteps_draws_one_uniform_per_image() -> None:
+    """Every sampler draws exactly ``n`` uniforms: the generator ends in the same state."""
+    states = []
+    for name in SAMPLERS:
+        g = torch.Generator().manual_seed(3)
+        sample_timesteps(TimestepConfig(sampler=name), 50, 2.0, g)
+        states.append(g.get_state())
+    g = torch.Generator().manual_seed(3)
+    torch.rand(50, generator=g)
+    assert all(torch.equal(s, g.get_state()) for s in states)

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from tests.trainers.trainer_utils import (
     REPO,
+    check_eval_images,
     config,
     env,
     run_trainer,
@@ -24,6 +25,7 @@ from tests.trainers.trainer_utils import (
     write_config,
 )
 from trainers.config import parse_config
+from trainers.evaluate import eval_image_files, read_eval_images
 from trainers.rundir import RunDir, read_jsonl
 
 pytestmark = pytest.mark.slow
@@ -65,6 +67,12 @@ def test_run_directory_contract(tmp_path: Path) -> None:
     levels = [v for k, v in last.items() if k.startswith("eval/flow_loss@t")]
     assert len(levels) == 8 and "eval/flow_loss@t0.0625" in last
     assert last["eval/flow_loss"] == pytest.approx(sum(levels) / 8)
+    # The final evaluation's per-image results; the logged metrics are recomputed from them.
+    files = eval_image_files(run)
+    assert list(files) == [30] and files[30] == run / "evals" / "step_0000030.npz"
+    images = read_eval_images(files[30])
+    assert images.step == 30 and len(images.seen_seeds) == 8 and len(images.heldout_seeds) == 4
+    check_eval_images(images, last)
     assert sorted({m["step"] for m in metrics if m["name"] == "train/loss"}) == [
         5,
         10,

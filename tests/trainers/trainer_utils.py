@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 # A config small enough for a 2-core CPU: micro backbone, 16x16 images.
@@ -85,3 +88,23 @@ def run_trainer(
 def status(run_dir: Path) -> dict[str, Any] | None:
     p = run_dir / "status.json"
     return json.loads(p.read_text()) if p.exists() else None
+
+
+def check_eval_images(images: Any, logged: dict[str, float]) -> None:
+    """The logged domain metrics, recomputed from a per-image evaluation file
+    (``trainers.evaluate.EvalImages``): they must agree to float tolerance."""
+    from evaluators.domain import frechet_distance
+    from trainers.data.shapes import ATTRIBUTE_NAMES
+
+    assert list(images.attributes) == list(ATTRIBUTE_NAMES)
+    for prefix, correct in (("", images.seen_correct), ("heldout_", images.heldout_correct)):
+        accs = [correct[:, j].mean() for j in range(len(ATTRIBUTE_NAMES))]
+        for name, acc in zip(ATTRIBUTE_NAMES, accs, strict=True):
+            assert logged[f"{prefix}attr_acc/{name}"] == pytest.approx(acc)
+        assert logged[f"{prefix}attr_acc_mean"] == pytest.approx(np.mean(accs))
+        assert logged[f"{prefix}attr_all_correct"] == pytest.approx(correct.all(1).mean())
+    f = images.seen_features
+    fid = frechet_distance(
+        f.mean(0), np.cov(f, rowvar=False), images.reference_mean, images.reference_cov
+    )
+    assert logged["domain_fid"] == pytest.approx(fid, rel=1e-6, abs=1e-10)
