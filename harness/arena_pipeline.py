@@ -10,7 +10,7 @@ Flow (each step a ``harness`` command, each resumable)::
 
 **Contestants.** A contestant is a run's exported model (``runs.run_dir/final``) at a sampler
 setting. Its id is readable and deterministic, ``<run_id>@<solver>-<steps>-cfg<guidance>``
-(``timestep/0003@euler-8-cfg3``), so registering the same run and setting again is a no-op and
+(``timestep/0003/s0@euler-8-cfg3``), so registering the same run and setting again is a no-op and
 the id says what it is. The shift is the one the run trained with (the export records it).
 
 **Paired rendering.** Every contestant renders the same prompt set with the same seeds. The
@@ -82,7 +82,7 @@ def _solvers() -> tuple[str, ...]:
 
 
 def contestant_id(run_id: str, solver: str, steps: int, guidance: float) -> str:
-    """``<run_id>@<solver>-<steps>-cfg<guidance>``, e.g. ``timestep/0003@euler-8-cfg3``."""
+    """``<run_id>@<solver>-<steps>-cfg<guidance>``, e.g. ``timestep/0003/s0@euler-8-cfg3``."""
     return f"{run_id}@{solver}-{steps}-cfg{float(guidance):g}"
 
 
@@ -134,7 +134,7 @@ def add_run_contestants(
     if not steps or any(not isinstance(s, int) or s < 1 for s in steps):
         raise ArenaError(f"--steps must be whole numbers >= 1, got {list(steps)}")
     if not run_ids:
-        raise ArenaError("name at least one run id (see the `runs` table, e.g. timestep/0000)")
+        raise ArenaError("name at least one run id (see the `runs` table, e.g. timestep/0000/s0)")
     finals = {run_id: _final_dir(store, run_id) for run_id in dict.fromkeys(run_ids)}
     added = []
     for run_id, final in finals.items():

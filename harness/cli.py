@@ -344,7 +344,7 @@ def arena_add(
     Ids read RUN@SOLVER-STEPS-cfgGUIDANCE; adding one again changes nothing. Each run must be
     registered and have final/. Example:
 
-        uv run harness arena add timestep/0000 timestep/0001 --steps 8,25 --guidance 3.0
+        uv run harness arena add timestep/0000/s0 timestep/0001/s0 --steps 8,25 --guidance 3.0
     """
     from harness.arena_pipeline import add_run_contestants, parse_int_list
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import optuna
 from optuna.trial import TrialState
-from scipy import stats
 
+from harness import stats as harness_stats
 from harness.effects import SECONDARY, Analysis, analyse
 
 __all__ = ["SECONDARY", "ablation_markdown", "mean_ci", "steps_to_reach"]
@@ -30,12 +30,8 @@ __all__ = ["SECONDARY", "ablation_markdown", "mean_ci", "steps_to_reach"]
 
 def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float | None]:
     """Mean and the half-width of its Student-t confidence interval (None for n < 2)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, None
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, float(stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n))
+    iv = harness_stats.mean_ci(values, level)
+    return iv.estimate, None if iv.n < 2 else (iv.high - iv.low) / 2
 
 
 def _fmt(v: Any) -> str:
@@ -85,7 +81,7 @@ def ablation_markdown(
     lines += _verdicts(a)
     lines += _ranks(a)
     lines += _summaries(a)
-    if baseline:
+    if baseline and a.baseline is not None and _evaluations(a.baseline.run_dir, objective) > 1:
         lines += _speedup(done, objective, directions[0], baseline)
     lines += _importances(study, done, objective, directions, a.confounded)
     lines += _best(study, done, metrics)
@@ -210,6 +206,15 @@ def steps_to_reach(curve: Mapping[int, float], target: float, direction: str) ->
         if v <= target if direction == "minimize" else v >= target:
             return step
     return None
+
+
+def _evaluations(run_dir: str, objective: str) -> int:
+    """How many values of the objective seed 0 of a run logged (steps to reach a target need a
+    curve, not one final evaluation)."""
+    from trainers.rundir import RunDir
+
+    rows = RunDir(Path(run_dir) / "s0").read_metrics() if run_dir else []
+    return sum(r["name"] == objective for r in rows)
 
 
 def _seed_curves(t: optuna.trial.FrozenTrial, objective: str) -> list[dict[int, float]]:

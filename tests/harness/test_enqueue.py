@@ -11,7 +11,7 @@ import pytest
 import yaml
 from rich.console import Console
 
-from harness.runner import StudyRunner
+from harness.runner import StudyRunner, TrialJob
 from harness.spec import load_study
 from tests.trainers.trainer_utils import config
 
@@ -52,11 +52,12 @@ def _study(tmp_path: Path, trials: int) -> Path:
 
 
 def _run(tmp_path: Path, trials: int, monkeypatch: pytest.MonkeyPatch) -> optuna.Study:
-    def instant(self, study, trial, group, slot):  # what the trainer would have reported
+    def instant(self, study, trial, group):  # what the trainer would have reported
         params = self.spec.suggest(trial)
         study.tell(trial, float(len(params)))
+        return TrialJob(trial, group, params, [], 0.0)  # no seed run left to train
 
-    monkeypatch.setattr(StudyRunner, "_run_trial", instant)
+    monkeypatch.setattr(StudyRunner, "_start_job", instant)
     console = Console(file=io.StringIO())
     return StudyRunner(load_study(_study(tmp_path, trials)), tmp_path / "w", console).run()
 
@@ -84,3 +85,31 @@ def test_enqueued_trials_run_first_once_and_within_the_budget(
     # The third enqueued trial fixes only the sampler: the rest came from TPE.
     assert trials[2].params["timesteps.sampler"] == "cosmap"
     assert set(trials[2].params) == {"timesteps.sampler", "timesteps.shift"}
+
+
+def test_the_pruner_sees_a_configurations_mean_only_once_every_seed_reached_the_step(
+    tmp_path: Path,
+) -> None:
+    from harness.runner import SeedRun
+    from trainers.rundir import RunDir
+
+    doc = yaml.safe_load(_study(tmp_path, 2).read_text())
+    doc["optuna"] = {"sampler": "random", "pruner": "median", "seed": 0}
+    doc["repeats"] = 3
+    path = tmp_path / "seeded.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    runner = StudyRunner(load_study(path), tmp_path / "w", Console(file=io.StringIO()))
+    study = runner.open_study()
+    trial = study.ask()
+    seeds = [SeedRun(k, k, RunDir(tmp_path / f"s{k}"), f"x/s{k}") for k in range(3)]
+    job = TrialJob(trial, 0, {}, seeds, 0.0)
+    runner._on_metric(job, 0, 10, "domain_fid", 3.0)
+    runner._on_metric(job, 1, 10, "domain_fid", 6.0)
+    runner._on_metric(job, 0, 20, "domain_fid", 2.0)
+    runner._on_metric(job, 0, 10, "train/loss", 1.0)  # not the objective: never reported
+    assert study.trials[0].intermediate_values == {}  # seed 2 has not reached step 10 yet
+    runner._on_metric(job, 2, 10, "domain_fid", 9.0)
+    assert study.trials[0].intermediate_values == {10: 6.0}  # the mean of the three seeds
+    runner._on_metric(job, 1, 20, "domain_fid", 4.0)
+    runner._on_metric(job, 2, 20, "domain_fid", 6.0)
+    assert study.trials[0].intermediate_values == {10: 6.0, 20: 4.0}

@@ -249,29 +249,35 @@ def test_a_trial_left_running_by_a_worker_on_another_host_is_retried_after_its_h
 
 
 def test_ctrl_c_stops_the_trainer_cleanly_and_the_rerun_resumes_it(tmp_path: Path) -> None:
+    # Two seeds per configuration on two slots: Ctrl-C stops both seed runs of trial 0 (they
+    # checkpoint), and the rerun resumes each from its own checkpoint.
     study_file = write_study(
         tmp_path / "ctrlc.yaml",
         {"timesteps.sampler": ["uniform", "cosmap"]},
         2,
         steps=200,
         eval_every=200,
+        repeats=2,
+        resources={"devices": "cpu", "trials_per_device": 2},
     )
     work = tmp_path / "work"
     cmd = study_run_cmd(study_file, work)
     runner = subprocess.Popen(
         cmd, env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    run_dir = work / "runs" / "ctrlc" / "0000" / "s0"
+    seed_dirs = [work / "runs" / "ctrlc" / "0000" / f"s{k}" for k in (0, 1)]
     deadline = time.time() + 240
-    while time.time() < deadline and not (run_dir / "checkpoints" / "latest.pt").exists():
+    while time.time() < deadline and not all(
+        (d / "checkpoints" / "latest.pt").exists() for d in seed_dirs
+    ):
         time.sleep(0.1)
     runner.send_signal(signal.SIGINT)  # what Ctrl-C sends (the trainer has its own session)
     out = runner.communicate(timeout=120)[0]
     assert runner.returncode == 130, out[-3000:]
     assert "rerun the same command to resume" in out
-    # The trainer was stopped, not killed: it checkpointed and said so.
-    status = json.loads((run_dir / "status.json").read_text())
-    assert status["status"] == "stopped" and status["step"] > 0, status
+    # The trainers were stopped, not killed: they checkpointed and said so.
+    statuses = [json.loads((d / "status.json").read_text()) for d in seed_dirs]
+    assert all(s["status"] == "stopped" and s["step"] > 0 for s in statuses), statuses
     store = Store(work / "harness.duckdb")
     (row,) = [r for r in store.trials("ctrlc") if r["number"] == 0]
     assert row["state"] == "failed" and "by a signal" in row["error"]
@@ -284,7 +290,9 @@ def test_ctrl_c_stops_the_trainer_cleanly_and_the_rerun_resumes_it(tmp_path: Pat
     # Trial 0 resumed in its own run directory (a new trial number keeping run_number 0).
     runs = sorted(t.user_attrs["run_number"] for t in complete)
     assert len(complete) == 2 and runs[0] == 0 and runs[1] != 0
-    assert f"resuming at step {status['step']}" in (run_dir / "stdout.log").read_text()
+    for d, status in zip(seed_dirs, statuses, strict=True):
+        assert f"resuming at step {status['step']}" in (d / "stdout.log").read_text()
+        assert json.loads((d / "status.json").read_text())["status"] == "ok"
 
 
 def test_repeats_train_each_configuration_per_seed_and_optuna_sees_the_mean(

@@ -686,7 +686,7 @@ def test_timestep_study() -> None:
     assert (spec.design, spec.repeats, spec.optuna.pruner) == ("grid", 3, "none")
     assert spec.search["timesteps.sampler"].values == ["uniform", "logit_normal", "mode", "cosmap"]
     base = parse_config(spec.base)
-    assert base.train.steps == 300 and base.eval.every == 300 and base.eval.num_images == 128
+    assert base.train.steps == 240 and base.eval.every == 240 and base.eval.num_images == 128
     assert base.model.backbone == "unet"
     study = optuna.create_study(sampler=spec.make_sampler(), pruner=spec.make_pruner())
     for _ in range(8):
