@@ -62,6 +62,19 @@ class SeedResult:
     seed: int | None
     final: dict[str, float]
     images: Any = None  # trainers.evaluate.EvalImages of the final evaluation, or None
+    run_dir: Path | None = None
+
+
+def seed_dirs(user_attrs: Mapping[str, Any]) -> list[Path]:
+    """The run directories of a trial's seed runs, ``run_dir/s<k>``. A trial recorded before
+    studies had seeds trained in ``run_dir`` itself, and is read from there."""
+    root = user_attrs.get("run_dir")
+    if not root:
+        return []
+    seeds = user_attrs.get("seeds")
+    if seeds is None and (Path(root) / "metrics.jsonl").exists():
+        return [Path(root)]
+    return [Path(root) / f"s{k}" for k in range(len(seeds or [None]))]
 
 
 @dataclass
@@ -72,7 +85,6 @@ class Configuration:
     params: dict[str, Any]
     seeds: list[SeedResult]
     label: str = ""
-    run_dir: str = ""  # the trial's directory; seed k's run is run_dir/s<k>
 
     def values(self, metric: str) -> list[float]:
         return [s.final[metric] for s in self.seeds if metric in s.final]
@@ -141,19 +153,16 @@ def _finite(x: float) -> float | None:
 def _seed_results(trial: optuna.trial.FrozenTrial) -> list[SeedResult]:
     from trainers.evaluate import eval_image_files, read_eval_images
 
-    root = trial.user_attrs.get("run_dir")
-    if not root:
-        return []
     seeds = trial.user_attrs.get("seeds") or [None]
     out = []
-    for k, seed in enumerate(seeds):
-        run = RunDir(Path(root) / f"s{k}")
+    for k, path in enumerate(seed_dirs(trial.user_attrs)):
+        run = RunDir(path)
         final = {m["name"]: m["value"] for m in run.read_metrics() if m["value"] is not None}
         if not final:
             continue
         files = eval_image_files(run.root)
         images = read_eval_images(files[max(files)]) if files else None
-        out.append(SeedResult(k, seed, final, images))
+        out.append(SeedResult(k, seeds[k] if k < len(seeds) else None, final, images, path))
     return out
 
 
@@ -183,13 +192,7 @@ def gather(study: optuna.Study) -> list[Configuration]:
         seeds = _seed_results(t)
         if seeds:
             configs.append(
-                Configuration(
-                    t.number,
-                    dict(t.params),
-                    seeds,
-                    _label(t.params, varying),
-                    t.user_attrs["run_dir"],
-                )
+                Configuration(t.number, dict(t.params), seeds, _label(t.params, varying))
             )
     return configs
 

@@ -23,7 +23,7 @@ import optuna
 from optuna.trial import TrialState
 
 from harness import stats as harness_stats
-from harness.effects import SECONDARY, Analysis, analyse
+from harness.effects import SECONDARY, Analysis, Configuration, analyse, seed_dirs
 
 __all__ = ["SECONDARY", "ablation_markdown", "mean_ci", "steps_to_reach"]
 
@@ -81,7 +81,7 @@ def ablation_markdown(
     lines += _verdicts(a)
     lines += _ranks(a)
     lines += _summaries(a)
-    if baseline and a.baseline is not None and _evaluations(a.baseline.run_dir, objective) > 1:
+    if baseline and a.baseline is not None and _evaluations(a.baseline, objective) > 1:
         lines += _speedup(done, objective, directions[0], baseline)
     lines += _importances(study, done, objective, directions, a.confounded)
     lines += _best(study, done, metrics)
@@ -208,12 +208,12 @@ def steps_to_reach(curve: Mapping[int, float], target: float, direction: str) ->
     return None
 
 
-def _evaluations(run_dir: str, objective: str) -> int:
-    """How many values of the objective seed 0 of a run logged (steps to reach a target need a
-    curve, not one final evaluation)."""
+def _evaluations(c: Configuration, objective: str) -> int:
+    """How many values of the objective the configuration's first seed logged (steps to reach
+    a target need a curve, not one final evaluation)."""
     from trainers.rundir import RunDir
 
-    rows = RunDir(Path(run_dir) / "s0").read_metrics() if run_dir else []
+    rows = RunDir(c.seeds[0].run_dir).read_metrics() if c.seeds else []
     return sum(r["name"] == objective for r in rows)
 
 
@@ -221,12 +221,9 @@ def _seed_curves(t: optuna.trial.FrozenTrial, objective: str) -> list[dict[int, 
     """The objective against step of each of the trial's seed runs (from ``metrics.jsonl``)."""
     from trainers.rundir import RunDir
 
-    root = t.user_attrs.get("run_dir")
-    if not root:
-        return []
     curves = []
-    for k in range(len(t.user_attrs.get("seeds") or [None])):
-        rows = RunDir(Path(root) / f"s{k}").read_metrics()
+    for path in seed_dirs(t.user_attrs):
+        rows = RunDir(path).read_metrics()
         curves.append({r["step"]: r["value"] for r in rows if r["name"] == objective})
     return [c for c in curves if c]
 

@@ -19,7 +19,7 @@ import markdown
 import optuna
 from optuna.trial import TrialState
 
-from harness.effects import Analysis, Configuration, analyse
+from harness.effects import Analysis, Configuration, analyse, seed_dirs
 from harness.report import (
     SECONDARY,
     ablation_markdown,
@@ -90,7 +90,9 @@ def _curves(metrics: Sequence[str], analysis: Analysis) -> list[tuple[str, Any]]
     import plotly.graph_objects as go
 
     names = [*metrics, *(m for m in (*SECONDARY, "train/loss") if m not in metrics)]
-    runs = {c.label: [_read_curves(c, s.k) for s in c.seeds] for c in analysis.configurations}
+    runs = {
+        c.label: [_read_curves(c, i) for i in range(len(c.seeds))] for c in analysis.configurations
+    }
     out = []
     for name in names:
         fig = go.Figure()
@@ -126,11 +128,11 @@ _COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#
 
 
 def _read_curves(c: Configuration, k: int) -> dict[str, dict[int, float]]:
+    """Metric name -> {step: value} of configuration ``c``'s seed ``k``."""
     from trainers.rundir import RunDir
 
     out: dict[str, dict[int, float]] = {}
-    run = RunDir(Path(c.run_dir) / f"s{k}")
-    for r in run.read_metrics():
+    for r in RunDir(c.seeds[k].run_dir).read_metrics():
         if r["value"] is not None:
             out.setdefault(r["name"], {})[r["step"]] = r["value"]
     return out
@@ -140,13 +142,13 @@ def _effect_figures(analysis: Analysis) -> list[tuple[str, Any]]:
     """A forest plot of the effects (one panel per metric: the estimate and its interval per
     configuration, 0 marked) and a per-seed dot plot of each configuration's final metrics."""
     import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
 
     out = []
     metrics = analysis.metrics
-    effects = [e for e in analysis.effects if e["estimate"] is not None]
+    # An effect without an interval (one seed) is an anecdote: it is not drawn as one.
+    effects = [e for e in analysis.effects if e["ci_low"] is not None]
     if effects:
-        fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=list(metrics))
+        fig = _panels(metrics)
         for j, m in enumerate(metrics, start=1):
             rows = [e for e in effects if e["metric"] == m]
             fig.add_trace(
@@ -167,14 +169,14 @@ def _effect_figures(analysis: Analysis) -> list[tuple[str, Any]]:
                 col=j,
             )
             fig.add_vline(x=0, line_dash="dot", row=1, col=j)
-        fig.update_layout(height=120 + 60 * len({e["configuration"] for e in effects}))
+        fig.update_layout(height=160 + 70 * len({e["configuration"] for e in effects}))
         title = (
             f"Effects against {analysis.baseline.label if analysis.baseline else '-'} "
             "(95% interval; green: resolved)"
         )
         out.append((title, fig))
     if analysis.configurations:
-        fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=list(metrics))
+        fig = _panels(metrics)
         for j, m in enumerate(metrics, start=1):
             for i, c in enumerate(analysis.configurations):
                 values = c.values(m)
@@ -190,9 +192,24 @@ def _effect_figures(analysis: Analysis) -> list[tuple[str, Any]]:
                     row=1,
                     col=j,
                 )
-        fig.update_layout(height=120 + 50 * len(analysis.configurations))
+        fig.update_layout(height=160 + 60 * len(analysis.configurations))
         out.append(("Final metrics, one dot per training seed", fig))
     return out
+
+
+def _panels(metrics: Sequence[str]) -> Any:
+    """One panel per metric side by side, sharing the configuration axis (labelled once)."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(
+        rows=1,
+        cols=len(metrics),
+        subplot_titles=list(metrics),
+        shared_yaxes=True,
+        horizontal_spacing=0.03,
+    )
+    fig.update_layout(margin={"l": 170, "r": 20, "t": 60, "b": 40})
+    return fig
 
 
 def _gap(a: float | None, b: float | None) -> float:
@@ -208,15 +225,16 @@ def _gallery(
         best = study.best_trial
     except ValueError:
         return ""
-    run_dir = best.user_attrs.get("run_dir")
+    dirs = seed_dirs(best.user_attrs)
     rows = [r for r in trials if r["number"] == best.number]
-    run_id = rows[0].get("run_id") if rows else None
-    if not run_dir or not run_id:
+    run_id = rows[0].get("run_id") if rows else None  # the trial's first seed run
+    if not dirs or not run_id:
         return ""
+    run_dir = dirs[0]
     samples = [s for s in store.samples(run_id) if s["tag"] == "final"][:MAX_SAMPLES]
     figures = []
     for s in samples:
-        path = Path(run_dir) / "s0" / "samples" / s["path"]
+        path = run_dir / "samples" / s["path"]
         if not path.exists():
             continue
         data = base64.b64encode(path.read_bytes()).decode()
@@ -229,7 +247,7 @@ def _gallery(
         return ""
     return (
         f"<h2>Best configuration (trial {best.number}): final samples of seed 0</h2>"
-        f"<p>From <code>{html.escape(str(run_dir))}/s0/samples/final/</code>.</p>"
+        f"<p>From <code>{html.escape(str(run_dir))}/samples/final/</code>.</p>"
         f'<div class="gallery">{"".join(figures)}</div>'
     )
 
@@ -245,28 +263,36 @@ def write_report_html(
 ) -> Path:
     """Write the report to ``out`` (parents created) and return its path."""
     analysis = analysis or analyse(study, metrics, directions, baseline)
-    body = markdown.markdown(
-        ablation_markdown(
-            study,
-            metrics,
-            directions,
-            baseline,
-            design=analysis.design,
-            sampler=analysis.sampler,
-            analysis=analysis,
-        ),
-        extensions=["tables", "fenced_code"],
+    md = ablation_markdown(
+        study,
+        metrics,
+        directions,
+        baseline,
+        design=analysis.design,
+        sampler=analysis.sampler,
+        analysis=analysis,
     )
-    parts = [body]
+    # The effect plots go right after the tables they draw, before the best configuration's
+    # config and the trial list.
+    cut = md.find("\n## Best configuration")
+    head, tail = (md, "") if cut < 0 else (md[:cut], md[cut:])
+    parts = [markdown.markdown(head, extensions=["tables", "fenced_code"])]
     trials = store.trials(study.study_name) if store is not None else []  # read once
-    figs = _figures(study, metrics, directions)
-    if figs:  # effects and curves too once any trial completed
-        figs = _effect_figures(analysis) + figs + _curves(metrics, analysis)
-    if figs:
-        parts.append("<h1>Plots</h1>")
-    for i, (title, fig) in enumerate(figs):
+    first = _effect_figures(analysis)
+    # A grid or ofat design fixed its configurations: Optuna's history (a best-so-far curve over
+    # trial numbers) and slices (one point per configuration) say nothing there.
+    rest = _figures(study, metrics, directions) if analysis.design == "search" else []
+    if first or rest:
+        rest += _curves(metrics, analysis)
+    for i, (title, fig) in enumerate(first):
         parts.append(f"<h2>{html.escape(title)}</h2>")
         parts.append(fig.to_html(full_html=False, include_plotlyjs=i == 0))
+    parts.append(markdown.markdown(tail, extensions=["tables", "fenced_code"]))
+    if rest:
+        parts.append("<h1>Plots</h1>")
+    for i, (title, fig) in enumerate(rest):
+        parts.append(f"<h2>{html.escape(title)}</h2>")
+        parts.append(fig.to_html(full_html=False, include_plotlyjs=not first and i == 0))
     parts.append(_gallery(study, metrics, store, trials))
     doc = (
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"

@@ -1,6 +1,7 @@
 """Study pages: the trials table (from DuckDB), the ablation report (the same Markdown as
-``harness study report``, from :mod:`harness.report`), Optuna's plots (the HTML report's
-figures from :mod:`harness.report_html`, plus parallel coordinates) and metric-vs-step curves."""
+``harness study report``: effects over seeds, rank table, from :mod:`harness.report`), the
+plots (the HTML report's effect and per-seed figures and Optuna's, from
+:mod:`harness.report_html`, plus parallel coordinates) and metric-vs-step curves."""
 
 from __future__ import annotations
 
@@ -29,19 +30,28 @@ def _report(db: str, workdir: str, name: str) -> dict[str, Any]:
     import optuna
     from optuna import visualization as vis
 
+    from harness.effects import analyse
     from harness.report import ablation_markdown
-    from harness.report_html import _curves, _figures
+    from harness.report_html import _curves, _effect_figures, _figures
 
     store = common._store(db)
     row = data.study_row(store, name)
     metrics, directions = list(row["objectives"]), list(row["directions"])
-    url = data.optuna_storage(Path(workdir), row["spec"])
+    spec = row["spec"] or {}
+    url = data.optuna_storage(Path(workdir), spec)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         study = optuna.load_study(study_name=name, storage=url)
     except Exception as err:  # a missing study, an unreachable database: say so, keep the page
         return {"error": f"Optuna study {name!r} could not be read from {url}: {err}"}
-    figs = _figures(study, metrics, directions)
+    design = spec.get("design", "search")
+    sampler = (spec.get("optuna") or {}).get("sampler", "tpe")
+    analysis = analyse(
+        study, metrics, directions, spec.get("baseline"), design, sampler, spec.get("repeats")
+    )
+    figs = _effect_figures(analysis)
+    if design == "search":  # a fixed design's history and slices say nothing (report_html)
+        figs += _figures(study, metrics, directions)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.params]
     if len(done) >= 2:
         target = (lambda t: t.values[0]) if len(metrics) > 1 else None
@@ -51,13 +61,16 @@ def _report(db: str, workdir: str, name: str) -> dict[str, Any]:
                 vis.plot_parallel_coordinate(study, target=target, target_name=metrics[0]),
             )
         )
-    return {
-        "markdown": ablation_markdown(
-            study, metrics, directions, (row["spec"] or {}).get("baseline")
-        ),
-        "figures": figs,
-        "curves": _curves(metrics, store, store.trials(name)),
-    }
+    markdown = ablation_markdown(
+        study,
+        metrics,
+        directions,
+        spec.get("baseline"),
+        design=design,
+        sampler=sampler,
+        analysis=analysis,
+    )
+    return {"markdown": markdown, "figures": figs, "curves": _curves(metrics, analysis)}
 
 
 def trials_ui(trials: list[dict[str, Any]], objectives: list[str]) -> None:

@@ -159,10 +159,13 @@ def test_study_page_shows_trials_ablation_and_plots(arena) -> None:
     ]
     assert trials[2]["error"] == "loss is NaN at step 30"
     md = "\n".join(m.value for m in at.markdown)
-    assert "# Study toy" in md and "## timesteps.sampler" in md  # harness.report's tables
+    assert "# Study toy" in md and "## Rank table" in md  # harness.report's tables
+    assert "**One training seed per configuration**" in md  # the toy study has no repeats
     titles = [h.value for h in at.subheader]
     assert "Objective history" in titles and "Parallel coordinates (domain_fid)" in titles
-    assert "domain_fid against step" in titles and "train/loss against step" in titles
+    assert "Final metrics, one dot per training seed" in titles
+    curves = [t.split(" (")[0] for t in titles]
+    assert "domain_fid against step" in curves and "train/loss against step" in curves
 
 
 def test_run_page_shows_status_config_curves_and_samples(arena) -> None:
