@@ -2,12 +2,12 @@
 
 Convention: t in [0, 1], t = 0 is data, t = 1 is noise.
 
-Every sampler is a deterministic, increasing transform (an inverse CDF) of one uniform draw
+Every sampler is a deterministic, increasing transform (its inverse CDF) of one uniform draw
 ``u ~ U(0, 1)`` per image:
 
 - ``uniform``: ``t = u``;
 - ``logit_normal``: ``t = sigmoid(m + s * ndtri(u))``, i.e. ``logit(t) ~ N(m, s)``;
-- ``mode`` (SD3 eq. 21): ``t = 1 - u - c (cos^2(pi u / 2) - 1 + u)``;
+- ``mode`` (SD3 eq. 21): ``t = 1 - v - c (cos^2(pi v / 2) - 1 + v)`` with ``v = 1 - u``;
 - ``cosmap`` (SD3 eq. 20): ``t = 1 - 1 / (tan(pi u / 2) + 1)``.
 
 ``uniform``, ``logit_normal`` and ``mode`` have the densities of ``diffusers.training_utils.
@@ -45,9 +45,11 @@ def _logit_normal(cfg: TimestepConfig, u: torch.Tensor) -> torch.Tensor:
 
 
 def _mode(cfg: TimestepConfig, u: torch.Tensor) -> torch.Tensor:
-    # diffusers' formula, on our u (decreasing in u for the allowed mode_scale: still a
-    # quantile transform, of 1 - u, which has the same law).
-    return 1.0 - u - cfg.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1.0 + u)
+    # diffusers' formula f(v) = 1 - v - c (cos^2(pi v / 2) - 1 + v) is decreasing in v for the
+    # allowed mode_scale; applied to v = 1 - u (the same law as u) it increases with u, so image
+    # i sits at the same quantile of every sampler's density, not at the opposite one.
+    v = 1.0 - u
+    return 1.0 - v - cfg.mode_scale * (torch.cos(math.pi * v / 2) ** 2 - 1.0 + v)
 
 
 def _cosmap(cfg: TimestepConfig, u: torch.Tensor) -> torch.Tensor:
