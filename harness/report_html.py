@@ -118,7 +118,10 @@ def _curves(metrics: Sequence[str], analysis: Analysis) -> list[tuple[str, Any]]
                         showlegend=False,
                     )
                 )
-        if fig.data:
+        # A metric evaluated once per run (at the end) has no curve: its values are in the
+        # per-seed dot plot, not drawn against a single step.
+        steps = {x for tr in fig.data for x in tr.x}
+        if len(steps) > 1:
             fig.update_layout(xaxis_title="step", yaxis_title=name, height=380)
             out.append((f"{name} against step (line: mean over seeds; dots: seeds)", fig))
     return out
