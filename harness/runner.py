@@ -1,14 +1,18 @@
 """The study runner: Optuna proposes, trainer processes train, the store records.
 
-One runner process owns a set of device slots and runs one worker thread per slot. Each worker
-asks Optuna for a trial, resolves the trainer config, launches the trainer in the trial's run
-directory, reports intermediate values (pruning with SIGTERM), records the outcome and ingests
-the run into DuckDB.
+One runner process owns a set of device slots and runs one worker thread per slot. A trial is
+one configuration trained ``repeats`` times (seed runs ``s0 .. s{K-1}`` under the trial's run
+directory, seeds ``base.seed + k``). A free worker takes the next queued seed run of a started
+trial, or asks Optuna for a new trial and queues its seed runs, so one configuration's seeds
+train side by side on several slots. Each seed run launches the trainer in its own directory;
+the objective's mean over seeds at a step is reported to Optuna once every seed has reached it
+(pruning stops all seeds with SIGTERM); when the last seed ends, the trial is told the mean of
+its seeds' final objectives, and each seed run is ingested into DuckDB.
 
 Trials are grouped by ``run_number``: the trial number whose run directory they use. A trial
 that was interrupted (Ctrl-C, or a runner that died) is re-queued with the same parameters and
-the same ``run_number``, so its retry resumes the trainer's checkpoint in the same directory and
-counts once towards ``trials``.
+the same ``run_number``, so its retry resumes each seed's checkpoint in the same directories
+(a seed that finished is not trained again) and counts once towards ``trials``.
 
 Ask/tell is used rather than ``study.optimize`` so that the decision to start another trial
 and the ``ask`` happen under one lock: with several slots the study runs exactly ``trials``.
