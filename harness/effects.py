@@ -201,14 +201,16 @@ def gather(study: optuna.Study) -> list[Configuration]:
 # Per-image rows of a metric
 
 
-def metric_rows(metric: str, seed: SeedResult) -> tuple[np.ndarray, Callable | None]:
-    """(rows, statistic) to compute ``metric`` of one run from its per-image results; a metric
-    without them is its final value as a single row (statistic None: the mean)."""
+def metric_rows(metric: str, seed: SeedResult) -> tuple[np.ndarray, Any]:
+    """(rows, reference) to compute ``metric`` of one run from its per-image results:
+    ``reference`` is the evaluation file whose real-image statistics an FID is measured
+    against, None for a mean of the rows. A metric without per-image results is its final
+    value as a single row."""
     im = seed.images
     if im is not None:
         names = list(im.attributes)
         if metric == "domain_fid":
-            return im.seen_features, ("fid", im)
+            return im.seen_features, im
         if metric in ("attr_acc_mean", "heldout_attr_acc_mean"):
             correct = im.heldout_correct if metric.startswith("heldout_") else im.seen_correct
             return correct.astype(np.float64), None
@@ -223,10 +225,10 @@ def metric_rows(metric: str, seed: SeedResult) -> tuple[np.ndarray, Callable | N
     return np.array([[seed.final[metric]]], dtype=np.float64), None
 
 
-def _statistic(kind: Any) -> Callable[[np.ndarray], float]:
-    if isinstance(kind, tuple) and kind[0] == "fid":
-        im = kind[1]
-        return stats.frechet_statistic(im.reference_mean, im.reference_cov)
+def _statistic(reference: Any) -> Callable[[np.ndarray], float]:
+    """FID against ``reference``'s real-image statistics, or the mean of the rows (None)."""
+    if reference is not None:
+        return stats.frechet_statistic(reference.reference_mean, reference.reference_cov)
     return lambda rows: float(rows.mean())
 
 
@@ -241,9 +243,9 @@ def _paired_rows(
         return None
     ra = [metric_rows(metric, x) for x, _ in pairs]
     rb = [metric_rows(metric, y) for _, y in pairs]
-    kinds = {type(k).__name__ for _, k in ra + rb}
+    fid = {ref is not None for _, ref in ra + rb}
     shapes_agree = all(x.shape == y.shape for (x, _), (y, _) in zip(ra, rb, strict=True))
-    if not shapes_agree or len(kinds) > 1:  # e.g. one side lacks per-image files
+    if not shapes_agree or len(fid) > 1:  # e.g. one side lacks per-image files
         ra = [(np.array([[x.final[metric]]]), None) for x, _ in pairs]
         rb = [(np.array([[y.final[metric]]]), None) for _, y in pairs]
     return [r for r, _ in ra], [r for r, _ in rb], _statistic(ra[0][1])
@@ -372,9 +374,7 @@ def _effect(
             "verdict": "no paired seeds",
         }
     ra, rb, statistic = paired
-    boots = (
-        N_BOOT_FID if ra[0].ndim == 2 and ra[0].shape[1] > 8 and metric.endswith("fid") else n_boot
-    )
+    boots = N_BOOT_FID if metric == "domain_fid" else n_boot
     e = stats.paired_effect(ra, rb, statistic, hib, level=LEVEL, n_boot=boots, rng=0)
     return row | {
         "estimate": e.estimate,

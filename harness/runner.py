@@ -215,7 +215,9 @@ def resolve_teacher_ref(spec: StudySpec, store: Store) -> StudySpec:
 class StudyRunner:
     def __init__(self, spec: StudySpec, workdir: Path, console: Console | None = None):
         self.spec = spec
-        self.work = Workdir(workdir)
+        # Absolute: run directories recorded in Optuna and DuckDB must resolve from any cwd
+        # (`study report` reads every seed run's files through them).
+        self.work = Workdir(Path(workdir).resolve())
         self.work.root.mkdir(parents=True, exist_ok=True)
         # soft_wrap: event lines in a log file stay one line each, however long.
         self.console = console or Console(stderr=True, soft_wrap=True)

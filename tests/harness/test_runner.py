@@ -315,7 +315,7 @@ def test_repeats_train_each_configuration_per_seed_and_optuna_sees_the_mean(
     store = Store(work / "harness.duckdb")
     for t in study.trials:
         root = Path(t.user_attrs["run_dir"])
-        assert t.user_attrs["seeds"] == [0, 1]
+        assert t.user_attrs["seeds"] == [0, 1] and root.is_absolute()  # readable from any cwd
         configs = [json.loads((root / f"s{k}" / "config.json").read_text()) for k in (0, 1)]
         assert [c["seed"] for c in configs] == [0, 1]
         per_seed = t.user_attrs["seed_values"]["domain_fid"]
