@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evaluators.domain import frechet_distance, load_attribute_net
 from harness.runner import Workdir
 from harness.store import Store
 from trainers.config import parse_config
 from trainers.data.shapes import ShapesDataset, sample_attrs
+from trainers.domain import frechet_distance, load_attribute_net
 from trainers.evaluate import ShapesEvaluator
 from trainers.export import load_export
 

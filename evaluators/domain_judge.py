@@ -1,7 +1,7 @@
 """The domain judge: pairwise verdicts on the embedded shapes data from the attribute network.
 
 It implements :class:`evaluators.judging.PairJudge` (kind ``"domain"``) offline, with no model
-download: the judge is the same attribute network (:mod:`evaluators.domain`) whose accuracies
+download: the judge is the same attribute network (:mod:`trainers.domain`) whose accuracies
 are the studies' objective, so its verdicts rank contestants on what the studies optimise.
 
 How one pair is decided (rule version :data:`RULE_VERSION`):
@@ -55,8 +55,8 @@ from evaluators.judging import Outcome, PairItem, Verdict
 from trainers.data.shapes import ATTRIBUTE_NAMES, ATTRIBUTES, ShapeAttrs, to_model_range
 
 if TYPE_CHECKING:
-    from evaluators.domain import AttributeNet
     from harness.store import Store
+    from trainers.domain import AttributeNet
 
 RULE_VERSION = "1"
 """Bump when the decision rule or the quality signal changes: it is part of the rater id."""
@@ -134,8 +134,8 @@ class DomainJudge:
     """The attribute network as a pair judge (see the module docstring for the rule).
 
     Args:
-        net: a trained :class:`evaluators.domain.AttributeNet`; default: the cached default
-            net (:func:`evaluators.domain.load_attribute_net`, trained once, ~25 s on a CPU).
+        net: a trained :class:`trainers.domain.AttributeNet`; default: the cached default
+            net (:func:`trainers.domain.load_attribute_net`, trained once, ~25 s on a CPU).
         store: if given, every image score is recorded in the ``judgments`` table.
         min_matched: an image showing fewer asked attributes than this fails the prompt.
         margin: confidence differences up to this are a tie.
@@ -157,7 +157,7 @@ class DomainJudge:
         if not 0.0 <= margin < 1.0:
             raise ValueError(f"margin must be in [0, 1), got {margin}")
         if net is None:
-            from evaluators.domain import load_attribute_net
+            from trainers.domain import load_attribute_net
 
             net = load_attribute_net(device=device)
         self.net = net.eval()

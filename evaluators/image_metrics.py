@@ -5,8 +5,8 @@ against references), and :class:`FeatureSet` is the ``update`` / ``compute``-sty
 that runs an extractor (:mod:`evaluators.extractors`) over images:
 
 * **FID** (Heusel et al. 2017): Fréchet distance between Gaussians fitted to Inception pool3
-  features. Mean and covariance come from :func:`evaluators.domain.gaussian_stats` and the
-  distance from :func:`evaluators.domain.frechet_distance` (float64, symmetric-eigensolver form;
+  features. Mean and covariance come from :func:`trainers.domain.gaussian_stats` and the
+  distance from :func:`trainers.domain.frechet_distance` (float64, symmetric-eigensolver form;
   tests check it against torchmetrics' ``FrechetInceptionDistance`` end to end and against
   ``scipy.linalg.sqrtm``).
 * **KID** (Bińkowski et al. 2018): unbiased MMD² with the cubic polynomial kernel
@@ -50,8 +50,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from evaluators.domain import _atomic_write, default_cache_dir, frechet_distance, gaussian_stats
 from evaluators.extractors import Extractor, extract_features
+from trainers.domain import frechet_distance, gaussian_stats
+from trainers.files import atomic_write_bytes, default_cache_dir
 
 __all__ = [
     "CMMD_SCALE",
@@ -351,9 +352,10 @@ def reference_features(
         if on_start is not None:
             on_start(len(images))
         feats = extract_features(extractor, images, batch_size=batch_size, on_batch=on_batch)
-        _atomic_write(path, st_save({"features": feats.contiguous()}))
+        atomic_write_bytes(path, st_save({"features": feats.contiguous()}))
         sidecar = {**key, "num_images": len(feats), "file": path.name}
-        _atomic_write(path.with_suffix(".json"), (json.dumps(sidecar, indent=2) + "\n").encode())
+        sidecar_bytes = (json.dumps(sidecar, indent=2) + "\n").encode()
+        atomic_write_bytes(path.with_suffix(".json"), sidecar_bytes)
     provenance = {
         **source.describe,
         "key": source.key,

@@ -563,8 +563,8 @@ def _domain_scores(
     image_set: ImageSet, opts: EvalOptions, metrics: Sequence[str]
 ) -> list[tuple[str, float, dict[str, Any]]]:
     """domain_fid / attr_acc with the embedded data's attribute network (shapes prompts only)."""
-    from evaluators.domain import DomainMetrics, load_attribute_net, reference_stats
     from trainers.data.shapes import DATASET_VERSION, to_model_range
+    from trainers.domain import DomainMetrics, load_attribute_net, reference_stats
 
     if opts.reference not in (None, "embedded"):
         raise EvalError("domain_fid / attr_acc compare with the embedded data: drop --reference")

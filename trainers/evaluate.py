@@ -12,7 +12,7 @@ metrics are functions of that file:
   ``attr_all_correct`` = ``seen_correct.all(1).mean()``; ``heldout_*`` likewise on
   ``heldout_correct``;
 - ``domain_fid`` = ``frechet_distance(seen_features.mean(0), np.cov(seen_features,
-  rowvar=False), reference_mean, reference_cov)`` (``evaluators.domain``).
+  rowvar=False), reference_mean, reference_cov)`` (``trainers.domain``).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class EvalImages:
     i of the seen compositions, generated with sampling seed ``seen_seeds[i]``; likewise
     ``heldout_*``. Columns of ``*_labels``/``*_correct`` follow ``attributes``."""
 
-    attributes: np.ndarray  # [A] unicode: evaluators.domain.ATTRIBUTE_NAMES
+    attributes: np.ndarray  # [A] unicode: trainers.domain.ATTRIBUTE_NAMES
     seen_labels: np.ndarray  # [N, A] int64: the caption's label per attribute
     seen_correct: np.ndarray  # [N, A] bool: the attribute net's prediction == the label
     seen_features: np.ndarray  # [N, F] float64: the attribute net's features (not shifted)
@@ -126,7 +126,7 @@ def eval_image_files(run_dir: str | Path) -> dict[int, Path]:
 
 class ShapesEvaluator:
     def __init__(self, cfg: FlowConfig, device: torch.device):
-        from evaluators.domain import DomainMetrics, load_attribute_net, reference_stats
+        from trainers.domain import DomainMetrics, load_attribute_net, reference_stats
 
         self.net = load_attribute_net(device=device)
         ref = reference_stats(

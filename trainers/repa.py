@@ -115,7 +115,7 @@ class Encoder:
 
 
 def _shapes_encoder() -> Encoder:
-    from evaluators.repa_encoder import load_patch_encoder
+    from trainers.repa_encoder import load_patch_encoder
 
     net = load_patch_encoder()
     return Encoder(net, net.dim, net)

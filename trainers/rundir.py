@@ -30,19 +30,12 @@ from typing import Any
 
 import torch
 
+from trainers.files import atomic_write_bytes
+
 STATUSES = ("ok", "stopped", "failed")
 
 # evals/step_{step:07d}.npz; the pattern accepts any number of digits.
 EVAL_IMAGES_RE = re.compile(r"step_(\d+)\.npz")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

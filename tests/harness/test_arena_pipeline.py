@@ -24,9 +24,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-import evaluators.domain as domain
+import trainers.domain as domain
 import trainers.export as export
-from evaluators.domain import AttributeNetRecipe
 from evaluators.judging import PairItem, Verdict
 from harness.arena_pipeline import (
     ArenaError,
@@ -47,6 +46,7 @@ from harness.arena_pipeline import (
 from harness.cli import app
 from harness.store import Store
 from tests.trainers.trainer_utils import config, write_config
+from trainers.domain import AttributeNetRecipe
 
 TINY_NET = AttributeNetRecipe(
     train_mix=((32, 256),), epochs=1, batch_size=64, eval_size=64, min_accuracy=0.0

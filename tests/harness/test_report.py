@@ -42,7 +42,7 @@ def write_eval(
         reference_cov=np.eye(4),
         step=np.int64(step),
     )
-    from evaluators.domain import frechet_distance
+    from trainers.domain import frechet_distance
 
     fid = frechet_distance(features.mean(0), np.cov(features, rowvar=False), np.zeros(4), np.eye(4))
     if not log:  # the caller wrote the curve

@@ -134,7 +134,7 @@ def test_seeds_for_power_edge_cases() -> None:
 
 @pytest.mark.parametrize(("n", "f"), [(50, 8), (12, 20)])  # n >= F and n < F (rank-deficient)
 def test_frechet_statistic_matches_project_reference(n: int, f: int) -> None:
-    from evaluators.domain import frechet_distance
+    from trainers.domain import frechet_distance
 
     rng = np.random.default_rng(5)
     mix = rng.normal(size=(f, f)) / math.sqrt(f)

@@ -67,8 +67,8 @@ def assert_same_init(a: FlowTrainer, b: FlowTrainer) -> None:
 
 @pytest.fixture
 def tiny_repa_encoder(monkeypatch: pytest.MonkeyPatch) -> str:
-    from evaluators.repa_encoder import PatchEncoder
     from trainers.repa import ENCODERS, Encoder
+    from trainers.repa_encoder import PatchEncoder
 
     def build() -> Encoder:
         with torch.random.fork_rng(devices=[]):

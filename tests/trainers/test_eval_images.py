@@ -122,7 +122,7 @@ def test_truncate_after_deletes_later_eval_files(tmp_path: Path) -> None:
 
 @pytest.fixture
 def random_attribute_net(monkeypatch: pytest.MonkeyPatch) -> None:
-    import evaluators.domain as D
+    import trainers.domain as D
 
     def load(*args: Any, device: Any = None, **kwargs: Any) -> D.AttributeNet:
         with torch.random.fork_rng(devices=[]):

@@ -45,7 +45,7 @@ def text(b: int) -> TextEmbeddings:
 
 
 def tiny_encoder() -> Encoder:
-    from evaluators.repa_encoder import PatchEncoder
+    from trainers.repa_encoder import PatchEncoder
 
     torch.manual_seed(3)
     net = PatchEncoder(width=8, dim=24).eval().requires_grad_(False)
@@ -170,7 +170,7 @@ def test_config_errors_name_the_fix() -> None:
 
 
 def test_patch_encoder_cache_trains_once(tmp_path: Path) -> None:
-    import evaluators.repa_encoder as re
+    import trainers.repa_encoder as re
 
     recipe = re.PatchEncoderRecipe(images=64, steps=3, batch_size=8, max_mse_ratio=10.0)
     count = re._TRAIN_COUNT

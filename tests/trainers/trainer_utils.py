@@ -93,8 +93,8 @@ def status(run_dir: Path) -> dict[str, Any] | None:
 def check_eval_images(images: Any, logged: dict[str, float]) -> None:
     """The logged domain metrics, recomputed from a per-image evaluation file
     (``trainers.evaluate.EvalImages``): they must agree to float tolerance."""
-    from evaluators.domain import frechet_distance
     from trainers.data.shapes import ATTRIBUTE_NAMES
+    from trainers.domain import frechet_distance
 
     assert list(images.attributes) == list(ATTRIBUTE_NAMES)
     for prefix, correct in (("", images.seen_correct), ("heldout_", images.heldout_correct)):

@@ -6,7 +6,7 @@ module trains one once on generated images and caches it, exactly as ``evaluator
 does for the attribute network, and through the same helpers (cache directory, fcntl lock,
 atomic writes, recipe hash in the file name).
 
-Why it cannot simply game the domain FID: the evaluator's :class:`~evaluators.domain.AttributeNet`
+Why it cannot simply game the domain FID: the evaluator's :class:`~trainers.domain.AttributeNet`
 is trained *supervised* on the five attribute labels and its FID features are a flattened 4x4 map
 after max-pooling. This encoder never sees a label: it is a masked autoencoder (MAE-style,
 He et al. 2022, on a conv net): 4x4-pixel patches of the input are blanked with probability
@@ -35,8 +35,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from evaluators.domain import _atomic_write, _file_lock, default_cache_dir
 from trainers.data.shapes import DATASET_VERSION, ShapesDataset, to_model_range
+from trainers.files import atomic_write_bytes, default_cache_dir, file_lock
 
 __all__ = ["ENCODER_SEED", "PatchEncoder", "PatchEncoderRecipe", "load_patch_encoder"]
 
@@ -211,7 +211,7 @@ def load_patch_encoder(
     sidecar = weights.with_suffix(".json")
     net = _load(weights, sidecar, recipe)
     if net is None:
-        with _file_lock(weights.with_suffix(".lock")):
+        with file_lock(weights.with_suffix(".lock")):
             net = _load(weights, sidecar, recipe)
             if net is None:
                 net = _train_and_write(recipe, weights, sidecar)
@@ -237,8 +237,8 @@ def _train_and_write(recipe: PatchEncoderRecipe, weights: Path, sidecar: Path) -
         "weights_sha256": hashlib.sha256(data).hexdigest(),
     }
     # Weights first, sidecar last: the sidecar (with the weights' sha256) marks a finished pair.
-    _atomic_write(weights, data)
-    _atomic_write(sidecar, (json.dumps(meta, indent=2) + "\n").encode())
+    atomic_write_bytes(weights, data)
+    atomic_write_bytes(sidecar, (json.dumps(meta, indent=2) + "\n").encode())
     loaded = _load(weights, sidecar, recipe)
     assert loaded is not None
     return loaded

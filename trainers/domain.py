@@ -1,5 +1,8 @@
 """Domain evaluator for the embedded shapes data: attribute accuracy and a domain FID.
 
+It lives with the trainers, not in :mod:`evaluators`, because a flow run scores itself with it
+in-process at every eval step; the evaluators and the arena's domain judge import it from here.
+
 A small CNN (:class:`AttributeNet`) is trained once on procedurally generated images
 (:mod:`trainers.data.shapes`) and cached on disk. Generated images are then scored by
 
@@ -23,17 +26,12 @@ on the same machine and torch version the result is the same net.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
 import hashlib
 import json
 import logging
-import os
 import time
-import uuid
 import warnings
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -53,6 +51,7 @@ from trainers.data.shapes import (
     ShapesDataset,
     to_model_range,
 )
+from trainers.files import atomic_write_bytes, default_cache_dir, file_lock
 
 __all__ = [
     "EVALUATOR_SEED",
@@ -224,13 +223,6 @@ class AttributeNetRecipe:
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def default_cache_dir() -> Path:
-    """``$HARNESS_CACHE/domain`` if set, else ``~/.cache/diffusion-harness/domain``."""
-    root = os.environ.get("HARNESS_CACHE")
-    base = Path(root) if root else Path.home() / ".cache" / "diffusion-harness"
-    return base / "domain"
-
-
 def _cache_dir(cache_dir: Path | str | None) -> Path:
     path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path.mkdir(parents=True, exist_ok=True)
@@ -243,34 +235,6 @@ def attribute_net_path(
     """Path of the cached weights (``.safetensors``); the sidecar is the same stem + ``.json``."""
     recipe = recipe or AttributeNetRecipe()
     return _cache_dir(cache_dir) / f"attribute_net-{DATASET_VERSION}-{recipe.hash()}.safetensors"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    # A reader never sees a half-written file: write a unique temp file in the same directory
-    # (same filesystem, so os.replace is atomic), fsync, then rename over the target.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    # flock locks belong to the open file description, so they also exclude threads of one
-    # process that open the lock file separately. The lock file itself is never deleted
-    # (deleting it would let two processes lock two different inodes).
-    with open(path, "a+b") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 class _CacheInvalid(Exception):
@@ -412,7 +376,7 @@ def load_attribute_net(
     except _CacheInvalid:
         net = None  # maybe mid-rewrite by another process: re-check under the lock
     if net is None:
-        with _file_lock(lock):
+        with file_lock(lock):
             try:
                 net = _load_cached(weights, sidecar, recipe)
             except _CacheInvalid as e:
@@ -458,8 +422,8 @@ def _train_and_write(recipe: AttributeNetRecipe, weights: Path, sidecar: Path) -
         "created_unix": time.time(),
     }
     # Weights first, sidecar last: the sidecar (with the weights' sha256) marks a finished pair.
-    _atomic_write(weights, data)
-    _atomic_write(sidecar, (json.dumps(meta, indent=2) + "\n").encode())
+    atomic_write_bytes(weights, data)
+    atomic_write_bytes(sidecar, (json.dumps(meta, indent=2) + "\n").encode())
     logger.info("attribute net trained in %.1f s; accuracy %s", seconds, accuracy)
     # Return the net as every other process will see it (re-read, contiguous weights), so the
     # training process's features are bit-identical to the loaders'; also checks the write.
@@ -819,5 +783,5 @@ def reference_stats(
             )
     ds = ShapesDataset(seed=seed, split=split, size=size, resolution=resolution)  # type: ignore[arg-type]
     mu, sigma = gaussian_stats(_real_features(net, ds.images))
-    _atomic_write(path, st_save({"mu": mu.contiguous(), "sigma": sigma.contiguous()}))
+    atomic_write_bytes(path, st_save({"mu": mu.contiguous(), "sigma": sigma.contiguous()}))
     return mu, sigma

@@ -22,8 +22,15 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 
-from evaluators import domain as D
-from evaluators.domain import (
+from trainers import domain as D
+from trainers.data.shapes import (
+    ATTRIBUTE_NAMES,
+    ATTRIBUTES,
+    DATASET_VERSION,
+    ShapesDataset,
+    to_model_range,
+)
+from trainers.domain import (
     AttributeNet,
     AttributeNetRecipe,
     DomainMetrics,
@@ -33,13 +40,6 @@ from evaluators.domain import (
     gaussian_stats,
     load_attribute_net,
     reference_stats,
-)
-from trainers.data.shapes import (
-    ATTRIBUTE_NAMES,
-    ATTRIBUTES,
-    DATASET_VERSION,
-    ShapesDataset,
-    to_model_range,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -546,8 +546,8 @@ def test_concurrent_threads_train_once(tmp_path: Path) -> None:
 def test_concurrent_processes_train_once(tmp_path: Path) -> None:
     code = (
         "import json, hashlib, sys\n"
-        "from evaluators import domain as D\n"
-        "from evaluators.domain import AttributeNetRecipe\n"
+        "from trainers import domain as D\n"
+        "from trainers.domain import AttributeNetRecipe\n"
         f"net = D.load_attribute_net(sys.argv[1], recipe={TINY!r})\n"
         "h = hashlib.sha256()\n"
         "for k, v in sorted(net.state_dict().items()):\n"
