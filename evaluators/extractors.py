@@ -369,7 +369,7 @@ class ClipScoreModel(nn.Module):
     """A ``CLIPModel`` seen through the interface torchmetrics' ``CLIPScore`` expects.
 
     torchmetrics 1.9 calls ``get_image_features`` / ``get_text_features`` and treats the result as
-    a tensor; transformers 5 returns a model output instead (FIELD-NOTES), so unwrap it here.
+    a tensor; transformers 5 returns a model output instead, so unwrap it here.
     """
 
     def __init__(self, model: nn.Module) -> None:

@@ -51,14 +51,13 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from evaluators.extractors import Extractor, extract_features
+from evaluators.metrics import METRICS, MetricInputs
 from trainers.domain import frechet_distance, gaussian_stats
 from trainers.files import atomic_write_bytes, default_cache_dir
 
 __all__ = [
     "CMMD_SCALE",
     "CMMD_SIGMA",
-    "HIGHER_IS_BETTER",
-    "MIN_IMAGES",
     "FeatureSet",
     "NotEnoughImagesError",
     "ReferenceSource",
@@ -77,41 +76,16 @@ CMMD_SCALE = 1000.0
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
 
-MIN_IMAGES: dict[str, int] = {
-    "fid": 2,
-    "kid": 2,
-    "cmmd": 2,
-    "clip_score": 1,
-    "domain_fid": 2,
-    "attr_acc": 1,
-}
-_WHY_MIN = {
-    "fid": "the covariance of the features divides by n - 1",
-    "domain_fid": "the covariance of the features divides by n - 1",
-    "attr_acc": "it averages over images",
-    "kid": "its unbiased MMD estimator averages over pairs of distinct images",
-    "cmmd": "its unbiased MMD estimator averages over pairs of distinct images",
-    "clip_score": "it averages over images",
-}
-HIGHER_IS_BETTER: dict[str, bool] = {
-    "fid": False,
-    "kid": False,
-    "kid_std": False,
-    "cmmd": False,
-    "clip_score": True,
-}
-
-
 class NotEnoughImagesError(ValueError):
     """Too few images for a metric to be defined; the message says the minimum and why."""
 
 
 def require_images(metric: str, n: int, side: str) -> None:
     """Raise :class:`NotEnoughImagesError` if ``n`` images are too few for ``metric``."""
-    need = MIN_IMAGES[metric]
+    need = METRICS[metric].min_images
     if n < need:
         raise NotEnoughImagesError(
-            f"{metric} needs at least {need} {side} images, got {n}: {_WHY_MIN[metric]}. "
+            f"{metric} needs at least {need} {side} images, got {n}: {METRICS[metric].why_min}. "
             "Render or pass more images"
         )
 
@@ -257,6 +231,63 @@ def clip_score(
             if on_batch is not None:
                 on_batch(len(chunk))
         return float(metric.compute())
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry's compute functions (evaluators.metrics): features in, (name, value, params) out
+
+Values = list[tuple[str, float, dict[str, Any]]]
+
+
+def score_fid(inp: MetricInputs) -> Values:
+    return [("fid", fid(inp.fake, inp.real), {"name": "fid"})]
+
+
+def score_kid(inp: MetricInputs) -> Values:
+    subsets = inp.options.get("kid_subsets", KID_SUBSETS)
+    seed = inp.options.get("seed", 0)
+    size_asked = inp.options.get("kid_subset_size", KID_SUBSET_SIZE)
+    mean, std, size = kid(inp.fake, inp.real, subsets=subsets, subset_size=size_asked, seed=seed)
+    params = {
+        "name": "kid",
+        "kernel": "poly3",
+        "subsets": subsets,
+        "subset_size": size,
+        "seed": seed,
+    }
+    return [("kid", mean, params), ("kid_std", std, params)]
+
+
+def score_cmmd(inp: MetricInputs) -> Values:
+    params = {"name": "cmmd", "kernel": "rbf", "sigma": CMMD_SIGMA, "scale": CMMD_SCALE}
+    params["estimator"] = "unbiased"
+    return [("cmmd", cmmd(inp.fake, inp.real), params)]
+
+
+def score_clip(inp: MetricInputs) -> Values:
+    batch = inp.options.get("batch_size", 32)
+    scorer = inp.network
+    captions = inp.prompts or []
+    value = clip_score(
+        scorer.model,
+        scorer.processor,
+        inp.images,
+        captions,
+        batch_size=batch,
+        on_batch=inp.progress,
+    )
+    params = {"name": "clip_score", "scale": 100, "library": "torchmetrics CLIPScore"}
+    return [("clip_score", value, params)]
+
+
+def score_domain_fid(inp: MetricInputs) -> Values:
+    """``inp.fake``: :meth:`trainers.domain.DomainMetrics.compute`'s values."""
+    return [("domain_fid", inp.fake["domain_fid"], {"name": "domain_fid"})]
+
+
+def score_attr_acc(inp: MetricInputs) -> Values:
+    """Every attribute accuracy :meth:`trainers.domain.DomainMetrics.compute` reports."""
+    return [(k, v, {"name": k}) for k, v in inp.fake.items() if k != "domain_fid"]
 
 
 # ---------------------------------------------------------------------------------------------

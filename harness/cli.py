@@ -9,6 +9,9 @@ from typing import Annotated
 
 import typer
 
+from evaluators.metrics import METRICS
+
+METRIC_NAMES = tuple(METRICS)
 app = typer.Typer(
     help="Diffusion training ablation harness and evaluation arena.",
     no_args_is_help=True,
@@ -610,9 +613,7 @@ def eval_cmd(
     ],
     metrics: Annotated[
         str,
-        typer.Option(
-            "--metrics", help="comma list of fid, kid, cmmd, clip_score, domain_fid, attr_acc"
-        ),
+        typer.Option("--metrics", help=f"comma list of {', '.join(METRIC_NAMES)}"),
     ] = "fid,kid,cmmd,clip_score",
     reference: Annotated[
         str | None,

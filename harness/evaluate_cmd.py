@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from evaluators.metrics import METRICS
 from harness.store import SAMPLE_COLUMNS, Store
 from trainers.names import did_you_mean
 
@@ -51,7 +52,7 @@ __all__ = [
     "print_scores",
 ]
 
-ALL_METRICS: tuple[str, ...] = ("fid", "kid", "cmmd", "clip_score", "domain_fid", "attr_acc")
+ALL_METRICS: tuple[str, ...] = tuple(METRICS)
 DEFAULT_METRICS = "fid,kid,cmmd,clip_score"
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 # The samples columns a score needs to describe its images (not the hash or extras).
@@ -398,16 +399,18 @@ class _LazyBar:
 
 def _check_counts(metrics: Sequence[str], image_set: ImageSet, opts: EvalOptions) -> None:
     from evaluators.image_metrics import require_images
+    from evaluators.metrics import METRICS
 
     for m in metrics:
         require_images(m, len(image_set.images), "generated")
-        if m in ("fid", "kid", "cmmd", "domain_fid"):
+        if METRICS[m].reference:
             require_images(m, opts.reference_size, "reference")
 
 
-def _load_networks(metrics: Sequence[str], opts: EvalOptions) -> tuple[Any, Any, Any]:
-    """(Inception for fid/kid, CLIP for cmmd, CLIP for clip_score), None where not needed; one
-    CLIP is shared when both resolve to the same directory."""
+def _load_networks(families: set[str], opts: EvalOptions) -> dict[str, Any]:
+    """The extractor of every family that needs a network file (Inception, CLIP), loaded before
+    any image is processed; one CLIP is shared when cmmd and clip_score resolve to the same
+    directory. The attribute net is not here: it trains itself when not cached."""
     from evaluators.extractors import (
         CLIP_SCORE_DEFAULT_ID,
         ClipExtractor,
@@ -415,133 +418,140 @@ def _load_networks(metrics: Sequence[str], opts: EvalOptions) -> tuple[Any, Any,
         resolve_clip_dir,
     )
 
-    inception = None
-    if "fid" in metrics or "kid" in metrics:
+    nets: dict[str, Any] = {}
+    if "inception" in families:
         resize = opts.resize
-        inception = InceptionExtractor(opts.inception, resize=resize, device=opts.device)  # type: ignore[arg-type]
-    clip = ClipExtractor(opts.clip, device=opts.device) if "cmmd" in metrics else None
-    scorer = None  # CLIP score's default model (ViT-L/14 at 224) unless --clip names one
-    if "clip_score" in metrics:
+        nets["inception"] = InceptionExtractor(opts.inception, resize=resize, device=opts.device)  # type: ignore[arg-type]
+    if "clip" in families:
+        nets["clip"] = ClipExtractor(opts.clip, device=opts.device)
+    if "clip_text" in families:  # CLIP score's default model (ViT-L/14 at 224) unless --clip
         clip_dir = resolve_clip_dir(opts.clip, CLIP_SCORE_DEFAULT_ID)
+        clip = nets.get("clip")
         same = clip is not None and clip.directory == clip_dir
-        scorer = clip if same else ClipExtractor(str(clip_dir), device=opts.device)
-    return inception, clip, scorer
+        nets["clip_text"] = clip if same else ClipExtractor(str(clip_dir), device=opts.device)
+    return nets
+
+
+@dataclass
+class _FamilyOutput:
+    """A family's network run once: the compute functions' inputs and the scores' provenance."""
+
+    inputs: Any  # evaluators.metrics.MetricInputs
+    extractor: dict[str, Any]
+    reference: dict[str, Any] | None = None
+
+
+def _feature_family(
+    family: str,
+    network: Any,
+    image_set: ImageSet,
+    source: Any,
+    opts: EvalOptions,
+    progress: Progress,
+) -> _FamilyOutput:
+    """Inception / CLIP image features of the generated and the reference images."""
+    from evaluators.image_metrics import FeatureSet, reference_features
+    from evaluators.metrics import MetricInputs
+
+    label = {"inception": "Inception", "clip": "CLIP"}[family]
+    bar = _LazyBar(progress, f"{label} features: reference")
+    ref, ref_prov = reference_features(
+        network,
+        source,
+        opts.reference_size,
+        cache_dir=opts.cache_dir,
+        batch_size=opts.batch_size,
+        on_start=bar.start,
+        on_batch=bar,
+    )
+    fs = FeatureSet(network, batch_size=opts.batch_size)
+    n = len(image_set.images)
+    fs.update(image_set.images, on_batch=progress(f"{label} features: generated", n))
+    inputs = MetricInputs(fake=fs.features, real=ref, network=network, options=_options(opts))
+    return _FamilyOutput(inputs, network.provenance(), ref_prov)
+
+
+def _clip_text_family(
+    scorer: Any, image_set: ImageSet, opts: EvalOptions, progress: Progress
+) -> _FamilyOutput:
+    """CLIP score reads images and captions itself (no reference)."""
+    from evaluators.metrics import MetricInputs
+
+    model_prov = {
+        "name": "clip-score",
+        "model": scorer.model_name,
+        "weights_sha256": scorer.weights_sha256,
+        "preprocess": "CLIPProcessor (resize shortest edge, centre crop)",
+    }
+    inputs = MetricInputs(
+        images=image_set.images,
+        prompts=image_set.prompts,
+        network=scorer,
+        options=_options(opts),
+        progress=progress("CLIP score", len(image_set.images)),
+    )
+    return _FamilyOutput(inputs, model_prov)
+
+
+def _options(opts: EvalOptions) -> dict[str, Any]:
+    keys = ("kid_subsets", "kid_subset_size", "seed", "batch_size")
+    return {k: getattr(opts, k) for k in keys}
 
 
 def evaluate(
     target: str, opts: EvalOptions, store: Store, progress: Progress = _no_progress
 ) -> list[Any]:
-    """Score ``target`` with ``opts.metrics``, store the scores and return them (``Score``)."""
-    from evaluators.image_metrics import (
-        FeatureSet,
-        clip_score,
-        cmmd,
-        fid,
-        kid,
-        reference_features,
-    )
+    """Score ``target`` with ``opts.metrics``, store the scores and return them (``Score``).
+
+    Metrics come from the registry (:mod:`evaluators.metrics`): each family's network runs once
+    for all of its metrics, then every metric's compute function turns the features into values.
+    """
+    from evaluators.metrics import FAMILIES, METRICS, compute_function
     from evaluators.scores import Score, put_scores
 
     image_set = load_image_set(target, store, opts.tag)
     metrics = opts.metrics
-    if "clip_score" in metrics and image_set.prompts is None:
-        raise EvalError(
-            f"clip_score needs a caption per image and {image_set.target} has none: for a plain "
-            "folder add a metadata.jsonl sidecar with lines like "
-            '{"file_name": "0001.png", "text": "a red circle"}, or drop clip_score from --metrics'
-        )
+    for m in metrics:
+        if METRICS[m].prompts and image_set.prompts is None:
+            raise EvalError(
+                f"{m} needs a caption per image and {image_set.target} has none: for a plain "
+                "folder add a metadata.jsonl sidecar with lines like "
+                f'{{"file_name": "0001.png", "text": "a red circle"}}, or drop {m} from --metrics'
+            )
     _check_counts(metrics, image_set, opts)
-    needs_ref = any(m in metrics for m in ("fid", "kid", "cmmd"))
+    families = {METRICS[m].family for m in metrics}
+    needs_ref = bool(families & {"inception", "clip"})
     source = reference_source(opts.reference, image_set, opts.reference_size) if needs_ref else None
 
     # Load every network first: a missing weight file fails before any image is processed.
-    inception, clip, scorer = _load_networks(metrics, opts)
+    nets = _load_networks(families, opts)
 
     n = len(image_set.images)
     base = {"images": image_set.provenance, "num_images": n}
     scores: list[Score] = []
-
-    def add(metric: str, value: float, provenance: dict[str, Any]) -> None:
-        scores.append(
-            Score(
-                image_set.target,
-                image_set.target_kind,
-                metric,
-                float(value),
-                n,  # type: ignore[arg-type]
-                {**base, **provenance},
-            )
-        )
-
-    for extractor, names in ((inception, ("fid", "kid")), (clip, ("cmmd",))):
-        if extractor is None:
+    for family in FAMILIES:
+        if family not in families:
             continue
-        label = "Inception" if extractor is inception else "CLIP"
-        assert source is not None
-
-        bar = _LazyBar(progress, f"{label} features: reference")
-        ref, ref_prov = reference_features(
-            extractor,
-            source,
-            opts.reference_size,
-            cache_dir=opts.cache_dir,
-            batch_size=opts.batch_size,
-            on_start=bar.start,
-            on_batch=bar,
-        )
-        fs = FeatureSet(extractor, batch_size=opts.batch_size)
-        fs.update(image_set.images, on_batch=progress(f"{label} features: generated", n))
-        prov = {"extractor": extractor.provenance(), "reference": ref_prov}
-        if "fid" in names and "fid" in metrics:
-            add("fid", fid(fs.features, ref), {**prov, "metric": {"name": "fid"}})
-        if "kid" in names and "kid" in metrics:
-            mean, std, size = kid(
-                fs.features,
-                ref,
-                subsets=opts.kid_subsets,
-                subset_size=opts.kid_subset_size,
-                seed=opts.seed,
-            )
-            params = {
-                "name": "kid",
-                "kernel": "poly3",
-                "subsets": opts.kid_subsets,
-                "subset_size": size,
-                "seed": opts.seed,
-            }
-            add("kid", mean, {**prov, "metric": params})
-            add("kid_std", std, {**prov, "metric": params})
-        if "cmmd" in names and "cmmd" in metrics:
-            params = {
-                "name": "cmmd",
-                "kernel": "rbf",
-                "sigma": 10.0,
-                "scale": 1000.0,
-                "estimator": "unbiased",
-            }
-            add("cmmd", cmmd(fs.features, ref), {**prov, "metric": params})
-
-    if scorer is not None:
-        value = clip_score(
-            scorer.model,
-            scorer.processor,
-            image_set.images,
-            image_set.prompts or [],
-            batch_size=opts.batch_size,
-            on_batch=progress("CLIP score", n),
-        )
-        model_prov = {
-            "name": "clip-score",
-            "model": scorer.model_name,
-            "weights_sha256": scorer.weights_sha256,
-            "preprocess": "CLIPProcessor (resize shortest edge, centre crop)",
-        }
-        metric = {"name": "clip_score", "scale": 100, "library": "torchmetrics CLIPScore"}
-        add("clip_score", value, {"extractor": model_prov, "reference": None, "metric": metric})
-
-    if "domain_fid" in metrics or "attr_acc" in metrics:
-        for metric, value, prov in _domain_scores(image_set, opts, metrics):
-            add(metric, value, prov)
+        if family == "attribute_net":
+            out = _domain_family(image_set, opts)
+        elif family == "clip_text":
+            out = _clip_text_family(nets[family], image_set, opts, progress)
+        else:
+            out = _feature_family(family, nets[family], image_set, source, opts, progress)
+        for m in metrics:
+            if METRICS[m].family != family:
+                continue
+            reference = out.reference if METRICS[m].reference else None
+            for name, value, params in compute_function(m)(out.inputs):
+                prov = {
+                    **base,
+                    "extractor": out.extractor,
+                    "reference": reference,
+                    "metric": params,
+                }
+                scores.append(
+                    Score(image_set.target, image_set.target_kind, name, float(value), n, prov)
+                )  # type: ignore[arg-type]
 
     put_scores(store, scores)
     return scores
@@ -559,10 +569,9 @@ def _caption_labels() -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _domain_scores(
-    image_set: ImageSet, opts: EvalOptions, metrics: Sequence[str]
-) -> list[tuple[str, float, dict[str, Any]]]:
-    """domain_fid / attr_acc with the embedded data's attribute network (shapes prompts only)."""
+def _domain_family(image_set: ImageSet, opts: EvalOptions) -> _FamilyOutput:
+    """The embedded data's attribute network on shapes prompts: domain FID and accuracies."""
+    from evaluators.metrics import MetricInputs
     from trainers.data.shapes import DATASET_VERSION, to_model_range
     from trainers.domain import DomainMetrics, load_attribute_net, reference_stats
 
@@ -584,26 +593,16 @@ def _domain_scores(
     )
     dm = DomainMetrics(net, ref)
     dm.update(to_model_range(image_set.images), torch.tensor([table[p] for p in prompts]))
-    values = dm.compute()
-    prov = {
-        "extractor": {"name": "attribute-net", "recipe_hash": net.recipe_hash},
-        "reference": {
-            "dataset": "shapes",
-            "version": DATASET_VERSION,
-            "split": "val",
-            "seed": seed,
-            "num_images": opts.reference_size,
-            "resolution": image_set.resolution,
-        },
+    reference = {
+        "dataset": "shapes",
+        "version": DATASET_VERSION,
+        "split": "val",
+        "seed": seed,
+        "num_images": opts.reference_size,
+        "resolution": image_set.resolution,
     }
-    out = []
-    if "domain_fid" in metrics:
-        out.append(("domain_fid", values["domain_fid"], {**prov, "metric": {"name": "domain_fid"}}))
-    if "attr_acc" in metrics:
-        for k, v in values.items():
-            if k != "domain_fid":
-                out.append((k, v, {**prov, "reference": None, "metric": {"name": k}}))
-    return out
+    extractor = {"name": "attribute-net", "recipe_hash": net.recipe_hash}
+    return _FamilyOutput(MetricInputs(fake=dm.compute(), network=net), extractor, reference)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -628,7 +627,7 @@ def print_scores(scores: Sequence[Any], console: Any) -> None:
     """The scores as a rich table: metric, value, images, reference, extractor, provenance."""
     from rich.table import Table
 
-    from evaluators.image_metrics import HIGHER_IS_BETTER
+    from evaluators.metrics import higher_is_better
 
     if not scores:
         return
@@ -651,7 +650,7 @@ def print_scores(scores: Sequence[Any], console: Any) -> None:
         ext = s.provenance.get("extractor") or {}
         ext_hash = str(ext.get("weights_sha256") or ext.get("recipe_hash") or "")[:8]
         ext_text = f"{ext.get('name', '')} {ext_hash}"
-        better = HIGHER_IS_BETTER.get(s.metric, s.metric.startswith("attr_"))
+        better = higher_is_better(s.metric)
         table.add_row(
             s.metric,
             f"{s.value:.4f}",

@@ -213,6 +213,37 @@ def resolve_teacher_ref(spec: StudySpec, store: Store) -> StudySpec:
 
 
 class StudyRunner:
+    """Runs one study's trials on this machine's device slots; several runners may share it.
+
+    The contract with a trainer (any entry of :data:`trainers.registry.TRAINERS`):
+
+    - **Launch**: ``python -m <module> --config <seed dir>/config.json --run-dir <seed dir>``
+      (``torchrun`` with one process per GPU when a slot has several) in its own process group,
+      with ``CUDA_VISIBLE_DEVICES`` set to the slot's GPUs, or ``OMP_NUM_THREADS`` to the
+      slot's share of the CPU, and ``HARNESS_CAPTURED=1`` (stdout/stderr go to the run dir's
+      logs). The config is the base config with the trial's parameters and ``seed = base + k``
+      applied; it validates against the trainer's config model before launch.
+    - **Metrics**: the trainer appends ``{"step", name: value}`` records to ``metrics.jsonl``;
+      the runner follows the file and calls :meth:`_on_metric` per new value. A study's
+      objective must be a name in the trainer's registry entry.
+    - **Stop**: SIGTERM to the process group asks for a checkpoint and a ``stopped`` status
+      (pruning, Ctrl-C); the trainer must exit soon after. Relaunching in the same directory
+      must resume from the checkpoint and produce what an uninterrupted run would.
+    - **End**: ``status.json`` with ``ok | stopped | failed`` and a reason. No status file
+      means the process died (the exit code is classified: signal, OOM killer, crash).
+    - **Files**: whatever the run dir layout (:mod:`trainers.rundir`) names; the runner ingests
+      a finished seed run's dir into the store and writes nothing in it besides
+      ``config.json`` and ``runner.json`` (the host and pid of the runner that launched it,
+      which :meth:`recover_orphans` reads).
+
+    Hooks inside the runner, in the order they run for one configuration: :meth:`_new_job`
+    (ask Optuna under the claim lock) -> :meth:`_start_job` (queue the seed runs) ->
+    :meth:`_run_seed` per seed (skips a seed whose status is ``ok``) -> :meth:`_on_metric` per
+    value (reports the mean over seeds at a step once every seed reached it; True prunes every
+    seed) -> :meth:`_finish` once the last seed ended (tells Optuna the mean and records the
+    per-seed values).
+    """
+
     def __init__(self, spec: StudySpec, workdir: Path, console: Console | None = None):
         self.spec = spec
         # Absolute: run directories recorded in Optuna and DuckDB must resolve from any cwd

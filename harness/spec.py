@@ -29,69 +29,14 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from trainers.config import FlowConfig
-from trainers.distill.config import DistillConfig
 from trainers.names import did_you_mean
+from trainers.registry import KNOWN_METRICS, SHAPES_ONLY_METRICS, TRAINERS, Trainer
 
 if TYPE_CHECKING:
     import optuna
 
 # --------------------------------------------------------------------------------------------
-# Trainer registry: the names a study's `trainer:` may take
-
-# Mirrors trainers.data.shapes.ATTRIBUTE_NAMES (tests check they agree). Importing that module
-# here would pull in torch, several seconds on every `harness study check`.
-_SHAPES_ATTRIBUTE_NAMES: tuple[str, ...] = ("shape", "colour", "size", "position", "background")
-
-
-def _eval_metric_names(prefix: str, with_fid: bool) -> list[str]:
-    """Names ``trainers.evaluate.ShapesEvaluator`` logs for one prompt set."""
-    names = [f"{prefix}attr_acc/{a}" for a in _SHAPES_ATTRIBUTE_NAMES]
-    names += [f"{prefix}attr_acc_mean", f"{prefix}attr_all_correct"]
-    return (["domain_fid"] if with_fid else []) + names
-
-
-SHAPES_ONLY_METRICS: frozenset[str] = frozenset(
-    [*_eval_metric_names("", with_fid=True), *_eval_metric_names("heldout_", with_fid=False)]
-)
-"""Written only when the trainer trains on the embedded shapes (the domain evaluator)."""
-FLOW_METRICS: frozenset[str] = frozenset(
-    [
-        *("train/loss", "train/images_per_s", "train/lr", "train/grad_norm", "eval/flow_loss"),
-        *SHAPES_ONLY_METRICS,
-    ]
-)
-"""Every metric name the flow trainer writes to ``metrics.jsonl`` (trainers/train.py and
-trainers/evaluate.py); the last value of one of these is a study's objective."""
-
-
-@dataclass(frozen=True)
-class Trainer:
-    """What the harness knows about one trainer: its config model, entry module, metrics."""
-
-    config: type[BaseModel]
-    """The trainer's config model (frozen, ``extra="forbid"``): search paths are its fields and
-    every resolved trial config must validate against it."""
-    module: str
-    """Launched as ``python -m <module> --config CONFIG --run-dir DIR``."""
-    metrics: frozenset[str]
-    """Metric names the trainer writes; a study's objective must be one of them."""
-
-
-DISTILL_METRICS: frozenset[str] = frozenset(
-    [
-        *("train/loss", "train/images_per_s", "train/lr", "train/grad_norm", "eval/nfe"),
-        *SHAPES_ONLY_METRICS,
-    ]
-)
-"""The distillation trainer's metrics (trainers/distill/train.py; each method also logs its own
-``train/<term>`` values, not objectives)."""
-
-TRAINERS: dict[str, Trainer] = {
-    "flow": Trainer(config=FlowConfig, module="trainers.flow", metrics=FLOW_METRICS),
-    "distill": Trainer(config=DistillConfig, module="trainers.distill", metrics=DISTILL_METRICS),
-}
-KNOWN_METRICS: frozenset[str] = frozenset().union(*(t.metrics for t in TRAINERS.values()))
+# Trainer registry (defined with the trainers): the names a study's `trainer:` may take
 
 
 def _samplers() -> Any:

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("HARNESS_ARTIFACTS") or ROOT / "tests" / "artifacts") / "app"
 # Streamlit's pages scroll inside their own container, so a "full page" screenshot is the
 # viewport: a tall one shows each page whole.
-# Offline, no first-run or update traffic (FIELD-NOTES.md, Streamlit section).
+# Offline: no first-run, update or QUIC traffic (the machine has no network).
 CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",

@@ -49,7 +49,7 @@ def write_random_inception(path: Path, *, seed: int = 0) -> Path:
     """torch-fidelity's ``FeatureExtractorInceptionV3`` (the real architecture, 24M parameters)
     with random weights, saved as a state dict with ``torch.save`` like the released .pth.
 
-    Default init makes the pool3 features collapse (FID = 0 for any images, FIELD-NOTES), so the
+    Default init makes the pool3 features collapse (FID = 0 for any images), so the
     convolutions are re-initialised with Kaiming normal: features then vary with the image.
     """
     import torch_fidelity.feature_extractor_inceptionv3 as tfi

@@ -18,11 +18,8 @@ from typer.testing import CliRunner
 
 from harness.cli import app
 from harness.spec import (
-    FLOW_METRICS,
-    KNOWN_METRICS,
     PRUNERS,
     SAMPLERS,
-    TRAINERS,
     ChoiceSpace,
     FloatSpace,
     SpecError,
@@ -30,6 +27,7 @@ from harness.spec import (
     load_study,
 )
 from trainers.config import FlowConfig, parse_config
+from trainers.registry import FLOW_METRICS, KNOWN_METRICS, TRAINERS
 
 REPO = Path(__file__).resolve().parents[2]
 STUDIES = REPO / "studies"
