@@ -76,6 +76,7 @@ CMMD_SCALE = 1000.0
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
 
+
 class NotEnoughImagesError(ValueError):
     """Too few images for a metric to be defined; the message says the minimum and why."""
 

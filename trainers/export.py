@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +25,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from trainers.errors import WeightsError
-from trainers.flow import initial_noise, sample
 from trainers.models import Denoiser
+from trainers.sampling import generate_images, generate_student
 from trainers.text import load_text_encoder, save_text_encoder
 
 EXPORT_FORMAT = 1
@@ -99,8 +99,6 @@ class ExportedModel:
         be left at their defaults or match (euler / the student's sampler, 1.0)."""
         distilled = self.meta.get("distill")
         if distilled:
-            from trainers.distill.base import generate_student
-
             return generate_student(
                 self.denoiser,
                 self.text_encoder,
@@ -124,68 +122,6 @@ class ExportedModel:
             shift=self.shift if shift is None else shift,
             vae=self.vae,
         )
-
-
-def generate_images(
-    denoiser: Denoiser,
-    text_encoder: torch.nn.Module,
-    prompts: Sequence[str],
-    seeds: Sequence[int],
-    latent_shape: tuple[int, ...],
-    *,
-    steps: int,
-    solver: str,
-    guidance: float,
-    shift: float,
-    vae: Any = None,
-    batch_size: int = 64,
-) -> torch.Tensor:
-    """Sample in batches; the result does not depend on ``batch_size`` (per-item noise)."""
-    uncond = text_encoder([""])
-
-    def sample_batch(noise: torch.Tensor, cond: Any, _seeds: list[int]) -> torch.Tensor:
-        return sample(
-            denoiser,
-            noise,
-            cond,
-            uncond,
-            steps=steps,
-            shift=shift,
-            solver=solver,
-            guidance=guidance,
-        )
-
-    return generate_batched(
-        denoiser, text_encoder, prompts, seeds, latent_shape, sample_batch, vae, batch_size
-    )
-
-
-def generate_batched(
-    denoiser: torch.nn.Module,
-    text_encoder: torch.nn.Module,
-    prompts: Sequence[str],
-    seeds: Sequence[int],
-    latent_shape: tuple[int, ...],
-    sample_batch: Callable[[torch.Tensor, Any, list[int]], torch.Tensor],
-    vae: Any = None,
-    batch_size: int = 64,
-) -> torch.Tensor:
-    """Images in [-1, 1] for (prompt, seed) pairs, ``batch_size`` at a time, in eval mode:
-    ``sample_batch(noise, text embeddings, seeds)`` maps each item's own initial noise (a
-    function of its seed alone) to a sample, which the VAE decodes when there is one."""
-    if len(prompts) != len(seeds):
-        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    device = next(denoiser.parameters()).device
-    was_training = denoiser.training
-    denoiser.eval()
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        p, s = list(prompts[i : i + batch_size]), list(seeds[i : i + batch_size])
-        noise = initial_noise(s, latent_shape).to(device)
-        x = sample_batch(noise, text_encoder(p), s)
-        out.append((vae.decode(x) if vae is not None else x).clamp(-1, 1).cpu())
-    denoiser.train(was_training)
-    return torch.cat(out)
 
 
 def load_export(directory: str | Path, device: torch.device | str = "cpu") -> ExportedModel:

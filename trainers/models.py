@@ -1,7 +1,8 @@
 """Backbones: diffusers transformer classes behind one ``(x, t, text) -> velocity`` call.
 
-The backbone knows nothing about noise or timestep densities (those live in ``flow.py``); it maps
-a noisy image, a time in [0, 1] and text embeddings to a prediction of the same shape as x.
+The backbone knows nothing about noise or timestep densities (those live in ``trainers/flow``
+and ``trainers/timesteps.py``); it maps a noisy image, a time in [0, 1] and text embeddings to a
+prediction of the same shape as x.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""The run directory: the only thing a trainer and the harness share (see DESIGN.md).
+"""The run directory: the only thing a trainer process and the harness share. The harness
+writes ``config.json`` and launches ``python -m trainers.<trainer> --config ... --run-dir ...``;
+everything it learns about the run (progress, metrics, samples, the model, how it ended) it
+reads from these files.
 
 ```
 run_dir/

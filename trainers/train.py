@@ -42,12 +42,13 @@ from torch import nn
 
 from trainers.config import ConfigError, FlowConfig, load_config
 from trainers.errors import DataError, WeightsError
-from trainers.export import generate_images, save_export, state_dict_hash
-from trainers.flow import FlowGenerators, flow_matching_loss, grid_flow_loss, solver_nfe
+from trainers.export import save_export, state_dict_hash
+from trainers.flow import FlowGenerators, flow_matching_loss, grid_flow_loss
 from trainers.logs import Progress, tee_output
 from trainers.models import build_denoiser, count_parameters
 from trainers.repa import Repa, build_repa
 from trainers.rundir import RunDir
+from trainers.sampling import generate_images, solver_nfe
 from trainers.text import TextEmbeddings, build_text_encoder, split_words
 from trainers.timesteps import resolve_shift
 
@@ -236,6 +237,51 @@ class BatchOrder:
 
 
 class FlowTrainer:
+    """Trains one model and writes its run directory; ``DistillTrainer`` subclasses it.
+
+    The contract a subclass (or the :class:`Session` that drives it) relies on:
+
+    - Life cycle: ``__init__`` (seed the global RNG, load data, :meth:`build_net`, EMA, REPA,
+      optimizer) -> :meth:`try_resume` -> :meth:`fit` -> :meth:`finish`. :class:`Session` drives
+      it and writes ``config.json`` (when absent) and ``status.json``; :func:`main` tees
+      ``stdout.log`` / ``stderr.log``.
+    - :meth:`build_net` runs right after ``torch.manual_seed(cfg.seed)`` and the data: initial
+      weights come from the global RNG there, so anything a training choice adds (REPA's
+      projector, a method's networks) must be built after it, or configurations sharing a seed
+      stop starting from the same weights.
+    - :meth:`fit` loop, per step: stop if any rank got SIGTERM/SIGINT (checkpoint, ``stopped``);
+      :meth:`train_step`; every ``train.log_every`` steps (and the last) the ``train/*``
+      metrics and :meth:`extra_metrics` to ``metrics.jsonl``; every ``train.checkpoint_every``
+      :meth:`save_checkpoint`; every ``eval.every`` :meth:`evaluate` and :meth:`save_samples`,
+      else every ``eval.samples_every`` :meth:`save_samples`. After the loop a checkpoint, then
+      :meth:`finish`: weight hashes, :meth:`export` (``final/``), :meth:`evaluate`, samples
+      ``final``.
+    - :meth:`train_step` (every rank) does one optimizer step and returns (loss, grad norm): it
+      computes the loss, raises :class:`NonFiniteLoss` on a non-finite one, and calls
+      :meth:`optimizer_step` (zero grads, backward, clip, optimizer, schedule, EMA,
+      ``self.step += 1``) exactly once. Every random draw of step k comes from generators seeded
+      by ``(seed, k, rank)``: the flow step from :func:`step_generators` (one stream per
+      purpose: dropout, timesteps, noise, so common random numbers hold across timestep, shift
+      and REPA choices), the distillation step from :func:`step_generator` (one stream); batch
+      indices from :class:`BatchOrder` (seed only). Not from the global RNG.
+    - Resumable state: :meth:`state` (step, config hash, net, EMA, optimizer, schedule, shift,
+      global RNG, REPA) is what ``checkpoints/latest.pt`` holds; a subclass adds what it mutates
+      with ``super().state() | {...}`` and restores it in :meth:`load_extra_state`, which
+      :meth:`try_resume` calls after loading the flow trainer's own state (after ``__init__``:
+      weights loaded there replace those built there). :meth:`config_hash` is checked on resume.
+    - :meth:`extra_metrics` (main rank, at log lines): the subclass's metrics averaged since the
+      last line; it must reset its window.
+    - Sampling hooks (main rank only): :meth:`_generator_fn` returns ``gen(prompts, seeds) ->
+      images in [-1, 1]`` whose noise is a function of each seed alone (``trainers.sampling``),
+      used by :meth:`evaluate` (``evals/step_*.npz``, ``eval/*`` metrics) and
+      :meth:`save_samples` (``samples/``); :meth:`grid_loss` gives evaluation values that need
+      no sampling; :meth:`sample_meta` adds sample manifest fields, :meth:`export_info`
+      ``final/harness.json`` fields; :attr:`sample_shift` is the shift sampling uses.
+    - Run directory: only through :class:`RunDir` (``metrics.jsonl``, ``checkpoints/``,
+      ``samples/``, ``evals/``, ``final/``), on the main rank; a resumed run first drops the
+      records of steps after its checkpoint.
+    """
+
     def __init__(self, cfg: FlowConfig, run: RunDir, dist_: Dist):
         self.cfg, self.run, self.dist = cfg, run, dist_
         self.device = dist_.device

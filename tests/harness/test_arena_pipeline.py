@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 
 import trainers.domain as domain
 import trainers.export as export
+import trainers.sampling as sampling
 from evaluators.judging import PairItem, Verdict
 from harness.arena_pipeline import (
     ArenaError,
@@ -161,14 +162,14 @@ def test_renders_are_paired_from_the_seed_noise_and_resumable(
     prompts = embedded_prompts(2)
     assert [p.category for p in prompts] == ["seen", "heldout"]
     calls: list[tuple[list[int], torch.Tensor]] = []
-    real_noise = export.initial_noise
+    real_noise = sampling.initial_noise
 
     def spy(seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
         noise = real_noise(seeds, shape)
         calls.append((list(seeds), noise))
         return noise
 
-    monkeypatch.setattr(export, "initial_noise", spy)
+    monkeypatch.setattr(sampling, "initial_noise", spy)
     summary = render_contestants(store, tmp_path, prompts, [0, 1], progress=False)
     assert (summary.rendered, summary.skipped, summary.contestants) == (8, 0, 2)
     rows = renders(store)
@@ -193,7 +194,7 @@ def test_renders_are_paired_from_the_seed_noise_and_resumable(
     model = export.load_export(runs.dirs["tiny/1"] / "final")
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(1))[None]
     from trainers.data.shapes import to_uint8
-    from trainers.flow import sample
+    from trainers.sampling import sample
 
     x = sample(
         model.denoiser,

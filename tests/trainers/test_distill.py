@@ -158,8 +158,7 @@ def test_every_method_runs_end_to_end_as_a_process(teacher: Path, tmp_path: Path
 
 def test_student_sampler_depends_on_the_method(teacher: Path, tmp_path: Path) -> None:
     """ODE students integrate Euler; consistency-type students predict x0 and re-noise."""
-    from trainers.distill.base import sample_student
-    from trainers.flow import initial_noise, sample
+    from trainers.sampling import initial_noise, sample, sample_student
 
     exported = load_export(teacher / "final")
     text = exported.text_encoder(["a small red circle in the center on a black background"])

@@ -31,7 +31,7 @@ from trainers.distill.progressive import (
     two_step_target,
 )
 from trainers.distill.reflow import Reflow, one_step_loss, reflow_loss, stage_two_start
-from trainers.flow import sample
+from trainers.sampling import sample
 from trainers.text import TextEmbeddings
 
 SHAPE = (1, 1, 2)

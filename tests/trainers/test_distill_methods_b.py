@@ -25,7 +25,7 @@ from trainers.distill.add import (
     hinge_d_loss,
     r1_penalty,
 )
-from trainers.distill.base import Batch, Context, bcast, expand
+from trainers.distill.base import Batch, Context, expand
 from trainers.distill.config import DistillConfig
 from trainers.distill.dmd import (
     Dmd,
@@ -35,6 +35,7 @@ from trainers.distill.dmd import (
     fake_score_loss,
     regression_loss,
 )
+from trainers.flow import bcast
 from trainers.repa import Encoder
 from trainers.text import TextEmbeddings
 from trainers.timesteps import sampling_schedule

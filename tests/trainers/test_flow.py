@@ -7,14 +7,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from trainers.config import TimestepConfig
-from trainers.flow import (
-    FlowGenerators,
-    flow_matching_loss,
-    grid_flow_loss,
-    initial_noise,
-    sample,
-    solver_nfe,
-)
+from trainers.flow import FlowGenerators, flow_matching_loss, grid_flow_loss
+from trainers.sampling import initial_noise, sample, solver_nfe
 from trainers.text import TextEmbeddings
 from trainers.timesteps import sampling_schedule
 

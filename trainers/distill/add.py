@@ -45,17 +45,12 @@ import torch
 from torch import Tensor, nn
 
 from trainers.config import ConfigError
-from trainers.distill.base import (
-    Batch,
-    Context,
-    DistillMethod,
-    StudentSampler,
-    noise_to,
-    x0_from_velocity,
-)
+from trainers.distill.base import Batch, Context, DistillMethod
 from trainers.distill.config import AddSettings
 from trainers.distill.dmd import _student_x0, _uniform_t
+from trainers.flow import noise_to, x0_from_velocity
 from trainers.repa import Encoder, load_encoder
+from trainers.sampling import StudentSampler
 
 HEAD_WIDTH = 256
 """H: width of the discriminator head's hidden layers and of the text projection."""

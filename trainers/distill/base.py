@@ -1,13 +1,14 @@
 """What every distillation method gets from the trainer, and what it gives back.
 
-Conventions are the flow trainer's (``trainers/flow.py``): ``x_t = (1 - t) x0 + t eps``, t = 0 is
-data, the network predicts the velocity ``v = eps - x0``, so its clean-image estimate is
-``x0_hat = x_t - t v`` (exact at t = 0: the consistency boundary condition for free).
+Conventions are the flow trainer's (``trainers/flow``: ``noise_to``, ``x0_from_velocity``):
+``x_t = (1 - t) x0 + t eps``, t = 0 is data, the network predicts the velocity ``v = eps - x0``,
+so its clean-image estimate is ``x0_hat = x_t - t v`` (exact at t = 0: the consistency boundary
+condition for free).
 
 The student starts as a copy of the teacher. The teacher's classifier-free guidance (scale
 ``distill.guidance``) is distilled into the student: every target comes from the *guided* teacher
 ``v_w = v_u + w (v_c - v_u)``, and the student samples with its conditional branch alone (one
-network evaluation per step). Two student samplers exist (:func:`sample_student`):
+network evaluation per step). Two student samplers exist (``trainers.sampling.sample_student``):
 
 - ``ode``: Euler over the shifted grid of ``distill.steps`` intervals, as the teacher samples
   (progressive, reflow: the student is still a velocity field, now good at few steps);
@@ -22,21 +23,18 @@ and teacher live in :class:`Context`, which is not a module, so they are not sav
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from trainers.distill.config import DistillConfig
-from trainers.flow import initial_noise
+from trainers.sampling import StudentSampler, guided_velocity, sample
 from trainers.text import TextEmbeddings
 from trainers.timesteps import sampling_schedule
-
-StudentSampler = Literal["ode", "consistency"]
 
 
 @dataclass
@@ -87,43 +85,6 @@ class Context:
         return guided_velocity(self.teacher, x, t, text, uncond, self.guidance)
 
 
-def guided_velocity(
-    net: Callable[[Tensor, Tensor, TextEmbeddings], Tensor],
-    x: Tensor,
-    t: Tensor,
-    text: TextEmbeddings,
-    uncond: TextEmbeddings,
-    guidance: float,
-) -> Tensor:
-    """``v_u + w (v_c - v_u)`` in one batched call (w = 1: the conditional velocity alone)."""
-    if guidance == 1.0:
-        return net(x, t, text).float()
-    both = TextEmbeddings(
-        torch.cat([text.tokens, uncond.tokens]),
-        torch.cat([text.pooled, uncond.pooled]),
-        torch.cat([text.mask, uncond.mask]),
-    )
-    v = net(torch.cat([x, x]), torch.cat([t, t]), both).float()
-    v_c, v_u = v.chunk(2)
-    return v_u + guidance * (v_c - v_u)
-
-
-def bcast(t: Tensor, like: Tensor) -> Tensor:
-    """``t`` [B] viewed as [B, 1, 1, 1] (as many trailing dims as ``like``)."""
-    return t.view(-1, *([1] * (like.dim() - 1)))
-
-
-def x0_from_velocity(x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
-    """The clean-image estimate ``x_t - t v`` (t [B])."""
-    return x_t - bcast(t, x_t) * v
-
-
-def noise_to(x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
-    """``(1 - t) x0 + t eps`` (t [B])."""
-    tb = bcast(t, x0)
-    return (1.0 - tb) * x0 + tb * eps
-
-
 def expand(text: TextEmbeddings, n: int) -> TextEmbeddings:
     """A one-row embedding (the empty prompt) repeated to ``n`` rows."""
     return TextEmbeddings(
@@ -136,10 +97,33 @@ def expand(text: TextEmbeddings, n: int) -> TextEmbeddings:
 class DistillMethod(nn.Module):
     """Base class: a method's loss, its own trained modules and state.
 
-    The trainer owns the student's optimizer, learning-rate schedule, gradient clipping and EMA.
-    Each step it calls :meth:`student_loss` (which first updates the method's own networks, if
-    any, with their own optimizers) and back-propagates the returned loss into the student, then
-    calls :meth:`after_student_step`.
+    The contract between a method and ``DistillTrainer`` (``trainers/distill/train.py``):
+
+    - Class attributes: ``name`` (its ``distill.method`` value, registered in
+      ``trainers.distill.methods``) and ``sampler`` (a ``trainers.sampling.STUDENT_SAMPLERS``
+      name): how the student samples in evaluation, samples and the export (``harness.json``
+      records it, and ``ExportedModel.generate`` uses it).
+    - ``__init__(ctx)``: built once per process start, after the trainer (and before a resume
+      loads weights), then moved to ``ctx.device``. Its own networks are submodules and any
+      state that changes during training a submodule or buffer, so ``state_dict`` holds them;
+      the student and teacher stay in ``ctx`` (not registered, not saved twice). The student's
+      weights may still be replaced by a resume after ``__init__``: copy the student lazily, at
+      its first step (see the consistency target).
+    - :meth:`prepare`: on the main rank, after ``__init__``, at every start (also on resume), so
+      it caches its one-off work under ``workdir`` (``<run_dir>/distill/``, the only place a
+      method writes); e.g. :func:`teacher_pairs`.
+    - Each step the trainer calls :meth:`student_loss` with the step's batch (order from the
+      seed alone) and ``gen = step_generator(seed, step, rank)``; the method may first update
+      its own networks with its own optimizers; it returns the student's loss with its graph and
+      its metrics (finite, or the run fails). The trainer then zeroes the student's gradients,
+      back-propagates, clips and steps the student's optimizer, schedule and EMA (the method
+      must not), and calls :meth:`after_student_step`.
+    - Randomness: every draw of a step comes from ``gen`` (not the global RNG, not a generator
+      of its own), so a resumed run continues exactly as an uninterrupted one; evaluation
+      noise is per seed (``trainers.sampling``), so students are compared on paired samples.
+    - Targets come from the frozen teacher, guided: ``ctx.teacher_velocity``.
+    - Resumable state: :meth:`extra_state` / :meth:`load_extra_state` (default: ``state_dict``
+      plus :meth:`optimizers`' states) go into the trainer's checkpoint under ``method``.
     """
 
     name: ClassVar[str]
@@ -183,91 +167,6 @@ class DistillMethod(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# student sampling
-
-
-@torch.no_grad()
-def sample_student(
-    student: Callable[[Tensor, Tensor, TextEmbeddings], Tensor],
-    noise: Tensor,
-    text: TextEmbeddings,
-    *,
-    sampler: StudentSampler,
-    steps: int,
-    shift: float,
-    seeds: Sequence[int],
-) -> Tensor:
-    """Images from a student at its step count, without guidance (distilled into it).
-
-    ``ode``: Euler over ``sampling_schedule(steps, shift)``. ``consistency``: at each grid time
-    ``t_k`` take ``x0_hat = x - t_k v``; unless last, re-noise to ``t_{k+1}`` with noise drawn
-    per item from ``(seed, k)`` so that a (prompt, seed) pair gives the same image in any batch.
-    """
-    ts = sampling_schedule(steps, shift).tolist()
-    x = noise.float()
-    if sampler == "consistency":
-        shape = tuple(x.shape[1:])
-        return consistency_walk(
-            student, x, text, ts, lambda k: renoise_noise(seeds, k, shape).to(x.device)
-        )
-    b = noise.shape[0]
-    for t, t_next in itertools.pairwise(ts):
-        tt = torch.full((b,), t, device=x.device)
-        x = x + (t_next - t) * student(x, tt, text).float()
-    return x
-
-
-def consistency_walk(
-    student: Callable[[Tensor, Tensor, TextEmbeddings], Tensor],
-    x: Tensor,
-    text: TextEmbeddings,
-    ts: Sequence[float],
-    fresh: Callable[[int], Tensor],
-) -> Tensor:
-    """Multistep consistency sampling over the descending grid ``ts`` from ``x`` at ``ts[0]``:
-    at each ``t_k`` take ``x0_hat = x - t_k v``, then re-noise it to ``t_{k+1}`` with the noise
-    ``fresh(k)``, or return it when ``t_{k+1}`` is 0. The student's sampler and DMD/ADD's
-    backward simulation (which draws its noise from the step's generator) share it."""
-    b = x.shape[0]
-    for k, (t, t_next) in enumerate(itertools.pairwise(ts)):
-        tt = torch.full((b,), t, device=x.device)
-        x0 = x0_from_velocity(x, tt, student(x, tt, text).float())
-        x = x0 if t_next <= 0 else (1.0 - t_next) * x0 + t_next * fresh(k)
-    return x
-
-
-def renoise_noise(seeds: Sequence[int], k: int, shape: tuple[int, ...]) -> Tensor:
-    """The fresh noise of re-noising step ``k``: per item, a function of (seed, k) alone."""
-    return initial_noise([int(s) * 1_000_003 + 7919 * (k + 1) for s in seeds], shape)
-
-
-def generate_student(
-    denoiser: torch.nn.Module,
-    text_encoder: torch.nn.Module,
-    prompts: Sequence[str],
-    seeds: Sequence[int],
-    latent_shape: tuple[int, ...],
-    *,
-    sampler: StudentSampler,
-    steps: int,
-    shift: float,
-    vae: Any = None,
-    batch_size: int = 64,
-) -> torch.Tensor:
-    """A student's images in [-1, 1] for (prompt, seed) pairs; independent of ``batch_size``."""
-    from trainers.export import generate_batched
-
-    def sample_batch(noise: Tensor, text: TextEmbeddings, s: list[int]) -> Tensor:
-        return sample_student(
-            denoiser, noise, text, sampler=sampler, steps=steps, shift=shift, seeds=s
-        )
-
-    return generate_batched(
-        denoiser, text_encoder, prompts, seeds, latent_shape, sample_batch, vae, batch_size
-    )
-
-
-# ----------------------------------------------------------------------------------------------
 # teacher pairs (reflow's training data, DMD's regression targets)
 
 
@@ -278,8 +177,6 @@ def teacher_pairs(
     """``n`` (noise, teacher image, caption) triples from the guided teacher ODE (Euler,
     ``steps``), cached in ``cache`` (a ``.pt`` file keyed by what made them). Captions are drawn
     from the training captions with a generator seeded by ``seed``."""
-    from trainers.flow import sample
-
     key = {"n": n, "steps": steps, "seed": seed, "guidance": ctx.guidance, "shift": ctx.shift}
     if cache.is_file():
         data = torch.load(cache, map_location="cpu", weights_only=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import Field, model_validator
 
@@ -26,7 +26,8 @@ from trainers.config import (
 )
 
 Method = Literal["progressive", "consistency", "reflow", "dmd", "add"]
-METHODS: tuple[str, ...] = ("progressive", "consistency", "reflow", "dmd", "add")
+"""The values of ``distill.method``: the names in ``trainers.distill.methods`` (a test checks)."""
+METHODS: tuple[str, ...] = get_args(Method)
 
 
 class ProgressiveSettings(Strict):

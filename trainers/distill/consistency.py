@@ -43,7 +43,8 @@ import torch
 from torch import Tensor, nn
 
 from trainers.distill._copies import copy_into, ema_update, frozen_copy
-from trainers.distill.base import Batch, Context, DistillMethod, bcast, noise_to, x0_from_velocity
+from trainers.distill.base import Batch, Context, DistillMethod
+from trainers.flow import bcast, noise_to, x0_from_velocity
 
 Velocity = Callable[[Tensor, Tensor], Tensor]  # (x [B, ...], t [B]) -> v, conditioning bound
 

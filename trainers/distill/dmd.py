@@ -50,17 +50,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from trainers.distill.base import (
-    Batch,
-    Context,
-    DistillMethod,
-    StudentSampler,
-    consistency_walk,
-    noise_to,
-    teacher_pairs,
-    x0_from_velocity,
-)
+from trainers.distill.base import Batch, Context, DistillMethod, teacher_pairs
 from trainers.distill.config import DmdSettings
+from trainers.flow import noise_to, x0_from_velocity
+from trainers.sampling import StudentSampler, consistency_walk
 from trainers.text import TextEmbeddings
 
 T_MIN, T_MAX = 0.02, 0.98
@@ -84,9 +77,9 @@ def _student_x0(
     grid time ``ctx.grid()[k]``. The student's input at ``t_k``:
 
     - ``real is None`` (DMD2's backward simulation): from noise ``x = eps`` at ``t_0 = 1``, the
-      student's own multistep consistency sampler (as ``base.sample_student``, fresh noise from
-      ``gen`` at each re-noising) without gradient down to ``t_k``; for ``k = 0`` the noise
-      itself;
+      student's own multistep consistency sampler (as ``trainers.sampling.sample_student``,
+      fresh noise from ``gen`` at each re-noising) without gradient down to ``t_k``; for
+      ``k = 0`` the noise itself;
     - ``real`` given (ADD): the real images noised to ``t_k``, ``noise_to(real, eps, t_k)``.
 
     Then, with gradient, ``x0 = x - t_k v_student(x, t_k, text)``.

@@ -44,7 +44,8 @@ import torch
 from torch import Tensor, nn
 
 from trainers.distill._copies import copy_into, frozen_copy
-from trainers.distill.base import Batch, Context, DistillMethod, bcast, noise_to
+from trainers.distill.base import Batch, Context, DistillMethod
+from trainers.flow import bcast, noise_to
 
 Velocity = Callable[[Tensor, Tensor], Tensor]  # (x [B, ...], t [B]) -> v, conditioning bound
 

@@ -38,7 +38,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from trainers.distill.base import Batch, Context, DistillMethod, noise_to, teacher_pairs
+from trainers.distill.base import Batch, Context, DistillMethod, teacher_pairs
+from trainers.flow import noise_to
 
 Velocity = Callable[[Tensor, Tensor], Tensor]  # (x [B, ...], t [B]) -> v, conditioning bound
 

@@ -8,7 +8,8 @@ evaluation, samples and export) with three things replaced:
 - the step: the configured method's loss (``trainers/distill/<method>.py``) instead of flow
   matching, with the method's own networks updated inside it;
 - sampling: evaluation and samples use the student at ``distill.steps`` with its method's
-  sampler (``base.sample_student``), without classifier-free guidance (distilled into it).
+  sampler (``trainers.sampling.sample_student``), without classifier-free guidance (distilled
+  into it).
 
 Data, text encoder, model architecture and shift come from the teacher run's ``config.json``.
 One process only: the methods call the student directly, outside DDP.
@@ -27,12 +28,13 @@ from typing import Any
 import torch
 
 from trainers.config import ConfigError, FlowConfig, load_config, parse_config
-from trainers.distill.base import Batch, Context, expand, generate_student
+from trainers.distill.base import Batch, Context, expand
 from trainers.distill.config import DistillConfig, load_distill_config
 from trainers.distill.methods import build_method
 from trainers.errors import WeightsError
 from trainers.export import load_export
 from trainers.rundir import RunDir
+from trainers.sampling import generate_student
 from trainers.train import Dist, FlowNet, FlowTrainer, NonFiniteLoss, main, step_generator
 
 

@@ -1,24 +1,24 @@
-"""Rectified flow (flow matching) for text-to-image: the loss and the ODE samplers.
+"""Rectified flow (flow matching) for text-to-image: the conventions and the loss.
 
 Conventions (SD3, Esser et al. 2024, eq. 1-3 with their rectified-flow choice): t = 0 is data,
 t = 1 is noise, ``x_t = (1 - t) x0 + t eps``, and the network predicts the velocity
-``v = dx_t/dt = eps - x0`` under an unweighted MSE. Sampling integrates dx/dt = v from t = 1 to
-t = 0.
+``v = dx_t/dt = eps - x0`` under an unweighted MSE, so its clean-image estimate is
+``x0_hat = x_t - t v``. Sampling integrates dx/dt = v from t = 1 to t = 0
+(``trainers/sampling.py``).
 
-Run the trainer with ``python -m trainers.flow --config CONFIG.json --run-dir DIR``.
+Run the trainer with ``python -m trainers.flow --config CONFIG.json --run-dir DIR``
+(``trainers/flow/__main__.py``; the trainer itself is ``trainers/train.py``).
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from trainers.config import TimestepConfig
-from trainers.text import TextEmbeddings
-from trainers.timesteps import sampling_schedule, timesteps_from_uniform
+from trainers.timesteps import timesteps_from_uniform
 
 
 @dataclass(frozen=True)
@@ -96,81 +96,17 @@ def grid_flow_loss(
     return out / n
 
 
-def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
-    """[N, *shape] standard normal noise; item i depends only on ``seeds[i]`` and ``shape``.
-
-    Each item has its own CPU generator, so the noise for a (prompt, seed) pair is the same
-    whatever the batch, the run or the device.
-    """
-    return torch.stack(
-        [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
-    )
+def bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` [B] viewed as [B, 1, 1, 1] (as many trailing dims as ``like``)."""
+    return t.view(-1, *([1] * (like.dim() - 1)))
 
 
-def solver_nfe(solver: str, steps: int) -> int:
-    """Network evaluations per image (each counts once, guidance doubles the batch not NFE)."""
-    return steps if solver == "euler" else 2 * steps - 1
+def noise_to(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``x_t = (1 - t) x0 + t eps`` (t [B])."""
+    tb = bcast(t, x0)
+    return (1.0 - tb) * x0 + tb * eps
 
 
-@torch.no_grad()
-def sample(
-    denoiser: Callable[[torch.Tensor, torch.Tensor, TextEmbeddings], torch.Tensor],
-    noise: torch.Tensor,
-    cond: TextEmbeddings,
-    uncond: TextEmbeddings | None,
-    *,
-    steps: int,
-    shift: float,
-    solver: str = "euler",
-    guidance: float = 1.0,
-) -> torch.Tensor:
-    """Integrate from t = 1 (``noise``) to t = 0 with classifier-free guidance.
-
-    Guidance: ``v = v_u + w (v_c - v_u)`` (w = 1: conditional only). The time grid is
-    ``linspace(1, 0, steps + 1)`` shifted with the training shift. Heun (2nd order) falls back to
-    an Euler step on the last interval, where t_next = 0 (Karras et al. 2022, alg. 1).
-
-    Written here rather than with diffusers' FlowMatch schedulers because those floor sigma at
-    1/num_train_timesteps, take the shift only at construction and have no guidance; the Euler
-    update is tested to equal ``FlowMatchEulerDiscreteScheduler.step`` on the same sigmas.
-    """
-    if solver not in ("euler", "heun"):
-        raise ValueError(f"unknown solver {solver!r}; allowed: euler, heun")
-    b = noise.shape[0]
-    use_cfg = uncond is not None and guidance != 1.0
-    both = _concat_text(cond, uncond) if use_cfg else cond
-
-    def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
-        tt = torch.full((b,), t, device=x.device, dtype=torch.float32)
-        if not use_cfg:
-            return denoiser(x, tt, cond).float()
-        v = denoiser(torch.cat([x, x]), torch.cat([tt, tt]), both).float()
-        v_c, v_u = v[:b], v[b:]
-        return v_u + guidance * (v_c - v_u)
-
-    ts = sampling_schedule(steps, shift).tolist()
-    x = noise.float()
-    for t, t_next in itertools.pairwise(ts):
-        dt = t_next - t
-        v = velocity(x, t)
-        x_euler = x + dt * v
-        if solver == "heun" and t_next > 0:
-            x = x + 0.5 * dt * (v + velocity(x_euler, t_next))
-        else:
-            x = x_euler
-    return x
-
-
-def _concat_text(a: TextEmbeddings, b: TextEmbeddings) -> TextEmbeddings:
-    def cat(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x, y.expand(x.shape[0], *y.shape[1:]) if y.shape[0] == 1 else y])
-
-    return TextEmbeddings(
-        tokens=cat(a.tokens, b.tokens), pooled=cat(a.pooled, b.pooled), mask=cat(a.mask, b.mask)
-    )
-
-
-if __name__ == "__main__":  # pragma: no cover - thin entry point, tested through subprocesses
-    from trainers.train import main
-
-    raise SystemExit(main())
+def x0_from_velocity(x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The clean-image estimate ``x_t - t v`` (t [B]); exact at t = 0."""
+    return x_t - bcast(t, x_t) * v
