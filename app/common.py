@@ -71,7 +71,7 @@ def filter_options(db: str) -> dict[str, list[str]]:
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
 def reliability(db: str) -> list[dict[str, Any]]:
-    from app.voting import reliability
+    from harness.voting import reliability
 
     return reliability(_store(db))
 
@@ -84,7 +84,7 @@ def contestant(db: str, contestant_id: str) -> dict[str, Any] | None:
 @st.cache_data(ttl=60, show_spinner=False, max_entries=512)
 def render_png(db: str, contestant_id: str, prompt_id: int, seed: int) -> bytes:
     """A render's PNG, looked up by id. Renders never change once written."""
-    from app.voting import render_image
+    from harness.voting import render_image
 
     return render_image(_store(db), contestant_id, prompt_id, seed)
 

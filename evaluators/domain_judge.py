@@ -31,8 +31,9 @@ Each image is scored alone (a batch of one, float64 softmax), so an image's scor
 depend on what else is judged with it and swapping sides swaps the outcome exactly. The verdict
 detail records what was computed and nothing else: per side the image's sha256, the asked and
 seen value and probabilities per attribute, ``matched`` and ``confidence``, and which rule
-decided. With a store, each image's scores also go to the ``judgments`` table (mode
-``absolute``, one row per image and prompt) as the audit trail the judge contract asks for.
+decided. With a store (a :class:`~evaluators.sinks.JudgmentCache`), each image's scores also go
+to the ``judgments`` table (mode ``absolute``, one row per image and prompt) as the audit trail
+the judge contract asks for.
 """
 
 from __future__ import annotations
@@ -52,10 +53,10 @@ import torch
 from PIL import Image
 
 from evaluators.judging import Outcome, PairItem, Verdict
+from evaluators.sinks import JudgmentCache, JudgmentRow
 from trainers.data.shapes import ATTRIBUTE_NAMES, ATTRIBUTES, ShapeAttrs, to_model_range
 
 if TYPE_CHECKING:
-    from harness.store import Store
     from trainers.domain import AttributeNet
 
 RULE_VERSION = "1"
@@ -136,7 +137,8 @@ class DomainJudge:
     Args:
         net: a trained :class:`trainers.domain.AttributeNet`; default: the cached default
             net (:func:`trainers.domain.load_attribute_net`, trained once, ~25 s on a CPU).
-        store: if given, every image score is recorded in the ``judgments`` table.
+        store: if given (a :class:`~evaluators.sinks.JudgmentCache`), every image score is
+            recorded in the ``judgments`` table.
         min_matched: an image showing fewer asked attributes than this fails the prompt.
         margin: confidence differences up to this are a tie.
     """
@@ -147,7 +149,7 @@ class DomainJudge:
         self,
         net: AttributeNet | None = None,
         *,
-        store: Store | None = None,
+        store: JudgmentCache | None = None,
         min_matched: int = DEFAULT_MIN_MATCHED,
         margin: float = DEFAULT_MARGIN,
         device: str | torch.device = "cpu",
@@ -204,7 +206,7 @@ class DomainJudge:
             verdicts.append(verdict)
             scored.extend(scores)
         if self.store is not None and scored:
-            self._record(scored)
+            self.store.upsert_judgments(self._rows(scored), replace=False)
         return verdicts
 
     def _judge_one(self, item: PairItem) -> tuple[Verdict, list[tuple[str, ImageScore]]]:
@@ -234,38 +236,30 @@ class DomainJudge:
         }
         return Verdict(outcome, detail), [(item.prompt, s) for s in scores]
 
-    def _record(self, scored: list[tuple[str, ImageScore]]) -> None:
-        """Insert each (prompt, image) score once into ``judgments`` (keyed like the MLLM
-        judge's cache: image hashes, prompt, judge, model, rubric version, mode, order)."""
-        rows: dict[str, list[Any]] = {}
+    def _rows(self, scored: list[tuple[str, ImageScore]]) -> list[JudgmentRow]:
+        """One ``judgments`` row per distinct (prompt, image) score (keyed like the MLLM
+        judge's cache: image hashes, prompt, judge, model, rubric version, mode, order); a key
+        already stored keeps its row."""
+        rows: dict[str, JudgmentRow] = {}
         now = time.time()
         for prompt, s in scored:
             ident = [[s.sha256], prompt, "domain", self.model, RULE_VERSION, "absolute", "single"]
             key = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:32]
-            result = json.dumps(s.as_detail(), sort_keys=True)
-            rows[key] = [
-                key,
-                "domain",
-                self.model,
-                "absolute",
-                RULE_VERSION,
-                prompt,
-                [s.sha256],
-                True,
-                result,
-                now,
-            ]
-        columns = list(zip(*rows.values(), strict=True))
-        with self.store.transaction() as con:  # type: ignore[union-attr]
-            con.execute(
-                "INSERT INTO judgments (judgment_key, judge, model, mode, rubric_version, prompt, "
-                "images, parsed, result, time) SELECT unnest(?), unnest(?), unnest(?), "
-                "unnest(?), unnest(?), unnest(?), unnest(?), unnest(?), unnest(?), unnest(?) "
-                "ON CONFLICT DO NOTHING",
-                [list(c) for c in columns],
+            rows[key] = JudgmentRow(
+                judgment_key=key,
+                judge="domain",
+                model=self.model,
+                mode="absolute",
+                rubric_version=RULE_VERSION,
+                prompt=prompt,
+                images=[s.sha256],
+                parsed=True,
+                result=s.as_detail(),
+                time=now,
             )
+        return list(rows.values())
 
 
-def build_domain_judge(store: Store | None = None, **options: Any) -> DomainJudge:
+def build_domain_judge(store: JudgmentCache | None = None, **options: Any) -> DomainJudge:
     """The judge registry's constructor for ``--judge domain`` (options: DomainJudge's)."""
     return DomainJudge(store=store, **options)

@@ -15,15 +15,18 @@ object may sit in a ```json fence or in prose) and strictly in content: required
 the 1-10 range, the outcome vocabulary. A reply that fails is stored unparseable
 (``judgments.parsed = false``, the raw text and the reason kept), never dropped.
 
-Cache. Every answer is a row of the ``judgments`` table keyed by a hash of (image sha256s in
-the order shown, prompt, judge name, model, rubric version, mode), so asking again is free and
-returns the stored answer. Rows whose request failed (no raw text: retries spent) are asked
-again next time; an unparseable answer is an answer and stays cached. Changing the rubric
-text means bumping :data:`RUBRIC_VERSION` (a test pins the rubric's fingerprint per version).
+Cache. Every answer is a row of the ``judgments`` table (through a
+:class:`~evaluators.sinks.JudgmentCache`, such as :class:`harness.store.Store`) keyed by a hash
+of (image sha256s in the order shown, prompt, judge name, model, rubric version, mode), so
+asking again is free and returns the stored answer. Rows whose request failed (no raw text:
+retries spent) are asked again next time; an unparseable answer is an answer and stays cached.
+Changing the rubric text means bumping :data:`RUBRIC_VERSION` (a test pins the rubric's
+fingerprint per version).
 Rows are written while the batch runs (every ``flush_every`` answers), so an interrupted batch
 keeps what it paid for.
 
-Use :func:`build_judge` (``openai`` from ``HARNESS_JUDGE_*``, or ``local:<dir>``), then
+Use :func:`build_judge` (``openai`` from ``HARNESS_JUDGE_*``, or ``local:<dir>``; both are
+entries of :data:`evaluators.judging.JUDGES`), then
 :meth:`MLLMJudge.judge_pairs` (the :class:`~evaluators.judging.PairJudge` contract) or
 :func:`absolute_scores`.
 """
@@ -44,6 +47,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from evaluators.judging import Outcome, PairItem, Verdict
+from evaluators.judging import build_judge as build_registered_judge
 from evaluators.mllm_backends import (
     BackendConfigError,
     BackendError,
@@ -53,12 +57,12 @@ from evaluators.mllm_backends import (
     LocalVLMBackend,
     OpenAIBackend,
 )
-from harness.store import Store, decode_json, to_json
+from evaluators.sinks import JudgmentCache, JudgmentMode, JudgmentRow, to_json
 from trainers.names import did_you_mean
 
 log = logging.getLogger(__name__)
 
-Mode = Literal["absolute", "pairwise"]
+Mode = JudgmentMode
 RUBRIC_VERSION = "v1"
 SCALE = (1, 10)
 WINNERS = ("A", "B", "tie", "both_bad")
@@ -233,16 +237,7 @@ def winner_to_outcome(winner: str, swapped: bool) -> Outcome:
     return winner  # type: ignore[return-value]  # tie / both_bad do not depend on order
 
 
-# -- the judgments table -------------------------------------------------------------------------
-_COLUMNS = (
-    "judgment_key", "judge", "model", "mode", "rubric_version", "prompt", "images", "parsed",
-    "result", "raw", "error", "latency_s", "time",
-)  # fmt: skip
-_UPSERT = f"""
-INSERT INTO judgments ({", ".join(_COLUMNS)})
-SELECT {", ".join(["unnest(?)"] * len(_COLUMNS))}
-ON CONFLICT DO UPDATE SET {", ".join(f"{c} = excluded.{c}" for c in _COLUMNS[1:])}
-"""
+# -- the judgments cache -------------------------------------------------------------------------
 
 
 def judgment_key(
@@ -260,43 +255,26 @@ def judgment_key(
     return hashlib.sha256(to_json(spec, "judgment key").encode()).hexdigest()
 
 
-def save_judgments(store: Store, rows: Sequence[Mapping[str, Any]]) -> None:
+def save_judgments(cache: JudgmentCache, rows: Sequence[JudgmentRow]) -> None:
     """Insert or replace judgment rows (dicts with the ``judgments`` columns; ``result`` a
-    dict or None) in one transaction: one statement over list parameters."""
-    if not rows:
-        return
-    columns: list[list[Any]] = [[] for _ in _COLUMNS]
-    for row in rows:
-        for values, name in zip(columns, _COLUMNS, strict=True):
-            value = row[name]
-            if name == "result" and value is not None:
-                value = to_json(value, "judgment result")
-            values.append(value)
-    with store.transaction() as con:
-        con.execute(_UPSERT, columns)
+    dict or None) in one transaction."""
+    cache.upsert_judgments(rows)
 
 
-def load_judgments(store: Store, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+def load_judgments(cache: JudgmentCache, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Stored judgments by key (``result`` decoded); keys not stored are absent."""
-    if not keys:
-        return {}
-    rows = store.query(
-        "SELECT * FROM judgments WHERE judgment_key IN (SELECT unnest(?))", [list(keys)]
-    )
-    return {r["judgment_key"]: r for r in decode_json(rows, "result")}
+    return cache.cached_judgments(keys)
 
 
 def list_judgments(
-    store: Store, *, judge: str | None = None, model: str | None = None, mode: Mode | None = None
+    cache: JudgmentCache,
+    *,
+    judge: str | None = None,
+    model: str | None = None,
+    mode: Mode | None = None,
 ) -> list[dict[str, Any]]:
     """Stored judgments in time order, optionally of one judge / model / mode."""
-    where, params = [], []
-    for column, value in (("judge", judge), ("model", model), ("mode", mode)):
-        if value is not None:
-            where.append(f"{column} = ?")
-            params.append(value)
-    sql = "SELECT * FROM judgments" + (f" WHERE {' AND '.join(where)}" if where else "")
-    return decode_json(store.query(sql + " ORDER BY time, judgment_key", params), "result")
+    return cache.judgments(judge=judge, model=model, mode=mode)
 
 
 # -- the judge -----------------------------------------------------------------------------------
@@ -336,14 +314,15 @@ class _Skipped(Exception):
 
 class MLLMJudge:
     """A :class:`~evaluators.judging.PairJudge` over a chat backend, with the ``judgments``
-    cache in ``store``. ``rater_id`` is ``judge:<model>:<rubric_version>``."""
+    cache in ``store`` (a :class:`~evaluators.sinks.JudgmentCache`). ``rater_id`` is
+    ``judge:<model>:<rubric_version>``."""
 
     kind: Literal["judge"] = "judge"
 
     def __init__(
         self,
         backend: ChatBackend,
-        store: Store,
+        store: JudgmentCache,
         *,
         rubric_version: str = RUBRIC_VERSION,
         flush_every: int = 16,
@@ -405,7 +384,7 @@ class MLLMJudge:
         return rows
 
     def _ask_all(self, questions: Sequence[_Question]) -> Iterator[dict[str, Any]]:
-        pending: list[dict[str, Any]] = []
+        pending: list[Any] = []  # JudgmentRow dicts
         stop = threading.Event()  # set by the first fatal error: queued questions are skipped
         pool = ThreadPoolExecutor(self.backend.concurrency, thread_name_prefix="mllm-judge")
         futures = {pool.submit(self._ask_unless, stop, q) for q in questions}
@@ -557,33 +536,38 @@ _OPENAI_OPTIONS = {
 }  # fmt: skip
 _LOCAL_OPTIONS = {"model_name", "device", "dtype", "max_new_tokens"}
 _JUDGE_OPTIONS = {"rubric_version", "flush_every"}
-JUDGES = {
-    "openai": "an OpenAI-compatible server from HARNESS_JUDGE_BASE_URL / _MODEL / _API_KEY",
-    "local:<dir>": "a transformers vision-language model saved in <dir>",
-}
 
 
-def build_judge(name: str, store: Store, **options: Any) -> MLLMJudge:
-    """The MLLM judge called ``name``: ``openai`` (configured from the environment) or
-    ``local:<dir>``. ``options``: judge options ``rubric_version``, ``flush_every``; for
-    ``openai`` also ``concurrency``, ``timeout_s``, ``max_attempts``, ``backoff_s``,
-    ``backoff_cap_s``, ``response_format``, ``max_tokens``, ``temperature``, ``seed``, ``env``
-    (a mapping used instead of os.environ); for ``local:`` ``model_name``, ``device``,
-    ``dtype``, ``max_new_tokens``. An unknown name or option is an error that lists what is
-    allowed."""
-    kind, _, arg = name.partition(":")
-    if kind == "openai" and not arg:
-        backend_options = _split_options(name, options, _OPENAI_OPTIONS)
-        backend: ChatBackend = OpenAIBackend.from_env(**backend_options)
-    elif kind == "local":
-        if not arg:
-            raise ValueError("judge 'local' needs a model directory: local:<dir>")
-        backend = LocalVLMBackend(arg, **_split_options(name, options, _LOCAL_OPTIONS))
-    else:
-        raise ValueError(
-            f"unknown MLLM judge {name!r}{did_you_mean(kind, ['openai', 'local'])}; allowed: "
-            + "; ".join(f"{k} ({v})" for k, v in JUDGES.items())
-        )
+def build_judge(name: str, store: JudgmentCache, **options: Any) -> MLLMJudge:
+    """The MLLM judge called ``name`` in :data:`evaluators.judging.JUDGES`: ``openai``
+    (configured from the environment) or ``local:<dir>``. ``options``: judge options
+    ``rubric_version``, ``flush_every``; for ``openai`` also ``concurrency``, ``timeout_s``,
+    ``max_attempts``, ``backoff_s``, ``backoff_cap_s``, ``response_format``, ``max_tokens``,
+    ``temperature``, ``seed``, ``env`` (a mapping used instead of os.environ); for ``local:``
+    ``model_name``, ``device``, ``dtype``, ``max_new_tokens``. An unknown name
+    (:class:`~evaluators.judging.JudgeError`, a ValueError) or option (TypeError) is an error
+    that lists what is allowed."""
+    judge = build_registered_judge(name, store, of_kind="judge", **options)
+    assert isinstance(judge, MLLMJudge), judge
+    return judge
+
+
+def build_openai_judge(store: JudgmentCache, **options: Any) -> MLLMJudge:
+    """The ``openai`` judge: an OpenAI-compatible server configured from the environment
+    (options: see :func:`build_judge`)."""
+    backend = OpenAIBackend.from_env(**_split_options("openai", options, _OPENAI_OPTIONS))
+    return _judge(backend, store, options)
+
+
+def build_local_judge(directory: str, store: JudgmentCache, **options: Any) -> MLLMJudge:
+    """The ``local:<dir>`` judge: the transformers vision-language model saved in
+    ``directory`` (options: see :func:`build_judge`)."""
+    name = f"local:{directory}"
+    backend = LocalVLMBackend(directory, **_split_options(name, options, _LOCAL_OPTIONS))
+    return _judge(backend, store, options)
+
+
+def _judge(backend: ChatBackend, store: JudgmentCache, options: Mapping[str, Any]) -> MLLMJudge:
     judge_options = {k: options[k] for k in _JUDGE_OPTIONS if k in options}
     return MLLMJudge(backend, store, **judge_options)
 
@@ -612,6 +596,8 @@ __all__ = [
     "MLLMJudge",
     "absolute_scores",
     "build_judge",
+    "build_local_judge",
+    "build_openai_judge",
     "extract_json_object",
     "judgment_key",
     "list_judgments",

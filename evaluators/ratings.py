@@ -55,7 +55,6 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import numpy as np
 from scipy.sparse import csr_matrix
@@ -63,10 +62,9 @@ from scipy.sparse.csgraph import connected_components
 from scipy.special import expit, log_expit
 from scipy.stats import norm
 
+from evaluators.judging import OUTCOMES, Outcome
 from trainers.names import did_you_mean
 
-Outcome = Literal["left", "right", "tie", "both_bad"]
-OUTCOMES: tuple[Outcome, ...] = get_args(Outcome)
 Battle = tuple[str, str, Outcome]
 """One judgement: ``(left contestant, right contestant, outcome)``."""
 

@@ -15,8 +15,8 @@ comparable only if that provenance is identical, so:
   :func:`scores_by_provenance` returns them **grouped** by provenance for a caller that wants to
   show every group side by side, never mixed.
 
-Only functions that take a :class:`harness.store.Store`: the table is the store's, its access is
-here (one short transaction per write, read-only queries for reads).
+The functions take a :class:`~evaluators.sinks.ScoreSink` (:class:`harness.store.Store` is one):
+the rows are built here, the SQL is the store's.
 """
 
 from __future__ import annotations
@@ -27,13 +27,14 @@ import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
-from harness.store import Store, StoreError, decode_json, to_json
+from evaluators.sinks import RecordError, ScoreRow, ScoreSink, TargetKind, to_json
 
 __all__ = [
     "TARGET_KINDS",
     "ProvenanceMismatchError",
+    "RecordError",
     "Score",
     "compare_scores",
     "provenance_hash",
@@ -43,11 +44,10 @@ __all__ = [
     "scores_by_provenance",
 ]
 
-TargetKind = Literal["run", "contestant", "folder"]
 TARGET_KINDS: tuple[str, ...] = get_args(TargetKind)
 
 
-class ProvenanceMismatchError(StoreError):
+class ProvenanceMismatchError(RecordError):
     """Scores measured differently were asked to be compared."""
 
 
@@ -74,11 +74,11 @@ class Score:
 
     def __post_init__(self) -> None:
         if self.target_kind not in TARGET_KINDS:
-            raise StoreError(
+            raise RecordError(
                 f"target_kind must be one of {', '.join(TARGET_KINDS)}, got {self.target_kind!r}"
             )
         if not isinstance(self.value, (int, float)) or not math.isfinite(self.value):
-            raise StoreError(f"score {self.metric} of {self.target} is not a finite number")
+            raise RecordError(f"score {self.metric} of {self.target} is not a finite number")
 
     @property
     def provenance_hash(self) -> str:
@@ -88,56 +88,39 @@ class Score:
     def score_id(self) -> str:
         return score_id(self.target, self.metric, self.provenance_hash)
 
+    def row(self, now: float) -> ScoreRow:
+        """The ``scores`` row of this score, measured at ``now``."""
+        return ScoreRow(
+            score_id=self.score_id,
+            target=self.target,
+            target_kind=self.target_kind,
+            metric=self.metric,
+            value=float(self.value),
+            num_images=int(self.num_images),
+            provenance=self.provenance,
+            provenance_hash=self.provenance_hash,
+            time=now,
+        )
 
-_UPSERT = """
-INSERT INTO scores (score_id, target, target_kind, metric, value, num_images, provenance,
-                    provenance_hash, time)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (score_id) DO UPDATE SET value = excluded.value, num_images = excluded.num_images,
-    time = excluded.time
-"""
 
-
-def put_scores(store: Store, scores: Iterable[Score], *, now: float | None = None) -> int:
+def put_scores(sink: ScoreSink, scores: Iterable[Score], *, now: float | None = None) -> int:
     """Store ``scores`` in one transaction (re-measured ones replace their value); returns how
     many rows were written."""
     stamp = time.time() if now is None else now
-    rows = [
-        (
-            s.score_id,
-            s.target,
-            s.target_kind,
-            s.metric,
-            float(s.value),
-            int(s.num_images),
-            to_json(s.provenance, f"provenance of {s.metric}"),
-            s.provenance_hash,
-            stamp,
-        )
-        for s in scores
-    ]
-    if rows:
-        with store.transaction() as con:
-            con.executemany(_UPSERT, rows)
-    return len(rows)
+    return sink.upsert_scores([s.row(stamp) for s in scores])
 
 
 def read_scores(
-    store: Store, targets: Sequence[str] | None = None, metric: str | None = None
+    sink: ScoreSink, targets: Sequence[str] | None = None, metric: str | None = None
 ) -> list[dict[str, Any]]:
     """Stored score rows (``provenance`` decoded), optionally of some targets and one metric,
     newest first."""
-    sql, params = "SELECT * FROM scores WHERE true", []
-    if targets is not None:
-        sql += " AND target IN (SELECT unnest(?))"
-        params.append(list(targets))
-    if metric is not None:
-        sql += " AND metric = ?"
-        params.append(metric)
-    return decode_json(store.query(sql + " ORDER BY time DESC, score_id", params), "provenance")
+    return sink.scores(targets, metric)
 
 
-def scores_by_provenance(store: Store, targets: Sequence[str], metric: str) -> list[dict[str, Any]]:
+def scores_by_provenance(
+    sink: ScoreSink, targets: Sequence[str], metric: str
+) -> list[dict[str, Any]]:
     """The scores of ``targets`` for ``metric``, **grouped** by provenance (never mixed).
 
     Returns one group per provenance hash, largest group first:
@@ -145,7 +128,7 @@ def scores_by_provenance(store: Store, targets: Sequence[str], metric: str) -> l
     once with the same provenance has one row (``score_id`` makes it so).
     """
     groups: dict[str, dict[str, Any]] = {}
-    for row in read_scores(store, targets, metric):
+    for row in read_scores(sink, targets, metric):
         g = groups.setdefault(
             row["provenance_hash"],
             {
@@ -158,21 +141,21 @@ def scores_by_provenance(store: Store, targets: Sequence[str], metric: str) -> l
     return sorted(groups.values(), key=lambda g: (-len(g["scores"]), g["provenance_hash"]))
 
 
-def compare_scores(store: Store, targets: Sequence[str], metric: str) -> dict[str, float]:
+def compare_scores(sink: ScoreSink, targets: Sequence[str], metric: str) -> dict[str, float]:
     """``{target: value}`` of ``metric`` for every target, all with one provenance.
 
     **Refuses** with :class:`ProvenanceMismatchError` when the targets' scores were measured
     differently (the message names the provenance fields that differ), and with
-    :class:`~harness.store.StoreError` when a target has no score for ``metric``. A target
+    :class:`~evaluators.sinks.RecordError` when a target has no score for ``metric``. A target
     measured in several ways is fine as long as exactly one provenance is shared by all targets
     (that one is used).
     """
     if not targets:
-        raise StoreError("compare_scores needs at least one target")
-    groups = scores_by_provenance(store, targets, metric)
+        raise RecordError("compare_scores needs at least one target")
+    groups = scores_by_provenance(sink, targets, metric)
     missing = [t for t in targets if not any(t in g["scores"] for g in groups)]
     if missing:
-        raise StoreError(
+        raise RecordError(
             f"no {metric} score stored for {', '.join(missing)}; run `harness eval TARGET "
             f"--metrics {metric}` first"
         )

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
-from harness.store import Store, StoreError, decode_json, to_json
+from harness.store import Store, StoreError, decode_json
 from trainers.names import did_you_mean
 
 if TYPE_CHECKING:
@@ -67,7 +67,6 @@ RENDERS_DIR = Path("arena") / "renders"
 # File prompt ids are CRC-32 of the text (31 bits): the same prompt gets the same id in any
 # file and any line order; a collision is detected and refused (see file_prompts).
 _FILE_ID_MASK = 0x7FFF_FFFF
-JUDGE_NAMES = ("domain", "openai", "local:<path>")
 
 
 class ArenaError(StoreError, ValueError):
@@ -379,41 +378,32 @@ def _render_batch(
         shift=contestant["shift"],
     )
     pixels = to_uint8(images).permute(0, 2, 3, 1).numpy()  # [B, H, W, 3]
-    extra = to_json(
-        {
-            "run_id": contestant["run_id"],
-            "solver": contestant["solver"],
-            "steps": contestant["steps"],
-            "guidance": contestant["guidance"],
-            "shift": contestant["shift"],
-            "resolution": list(pixels.shape[1:3]),
-        },
-        "render extra",
-    )
+    extra = {
+        "run_id": contestant["run_id"],
+        "solver": contestant["solver"],
+        "steps": contestant["steps"],
+        "guidance": contestant["guidance"],
+        "shift": contestant["shift"],
+        "resolution": list(pixels.shape[1:3]),
+    }
     rows = []
     for (p, seed), px in zip(batch, pixels, strict=True):
         path = (out / f"p{p.prompt_id:06d}_s{seed}.png").resolve()
         Image.fromarray(px).save(path)
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
         rows.append(
-            [
-                contestant["contestant_id"],
-                p.prompt_id,
-                p.prompt,
-                p.category,
-                seed,
-                str(path),
-                digest,
-                extra,
-                time.time(),
-            ]
+            {
+                "contestant_id": contestant["contestant_id"],
+                "prompt_id": p.prompt_id,
+                "prompt": p.prompt,
+                "category": p.category,
+                "seed": seed,
+                "path": str(path),
+                "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                "extra": extra,
+                "time": time.time(),
+            }
         )
-    with store.transaction() as con:
-        con.execute(
-            "INSERT INTO renders (contestant_id, prompt_id, prompt, category, seed, path, sha256, "
-            "extra, time) SELECT " + ", ".join(["unnest(?)"] * 9) + " ON CONFLICT DO NOTHING",
-            [list(c) for c in zip(*rows, strict=True)],
-        )
+    store.add_renders(rows)
 
 
 def renders(store: Store, contestant: str | None = None) -> list[dict[str, Any]]:
@@ -439,28 +429,17 @@ def _progress(enabled: bool, console: Console | None, total: int, what: str) -> 
 
 # -- judges --------------------------------------------------------------------------------------
 def build_judge(name: str, store: Store, **options: Any) -> PairJudge:
-    """The judge called ``name``: ``domain`` (the attribute network, offline), ``openai`` (an
-    OpenAI-compatible API) or ``local:<path>`` (a local vision-language model); the last two
-    come from :mod:`evaluators.mllm_judge`, imported only when asked for."""
-    if name == "domain":
-        from evaluators.domain_judge import build_domain_judge
+    """The judge called ``name`` in the registry :data:`evaluators.judging.JUDGES`: ``domain``
+    (the attribute network, offline), ``openai`` (an OpenAI-compatible API) or ``local:<dir>``
+    (a local vision-language model); each judge's module is imported only when asked for. A
+    name the registry refuses is an :class:`ArenaError` that says what is allowed."""
+    from evaluators.judging import JudgeError
+    from evaluators.judging import build_judge as build
 
-        return build_domain_judge(store, **options)
-    if name == "openai" or name.startswith("local:"):
-        if name == "local:":
-            raise ArenaError("--judge local:<path> needs the model's directory after 'local:'")
-        try:
-            from evaluators.mllm_judge import build_judge as build_mllm
-        except ImportError as err:
-            raise ArenaError(
-                f"--judge {name!r} needs evaluators.mllm_judge, which cannot be imported here "
-                f"({err}); --judge domain works offline"
-            ) from None
-        return build_mllm(name, store, **options)
-    raise ArenaError(
-        f"unknown judge {name!r}{did_you_mean(name, ['domain', 'openai', 'local:'])}; "
-        f"allowed: {', '.join(JUDGE_NAMES)}"
-    )
+    try:
+        return build(name, store, **options)
+    except JudgeError as err:
+        raise ArenaError(str(err)) from None
 
 
 @dataclass

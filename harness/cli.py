@@ -733,7 +733,7 @@ def raters_add(
 @raters_app.command("list")
 def raters_list(workdir: WorkdirOpt = DEFAULT_WORKDIR) -> None:
     """Human raters with their votes and reliability (share of gold pairs answered right)."""
-    from app.voting import reliability
+    from harness.voting import reliability
 
     store = _open_store(workdir, create=False)
     for r in reliability(store):
@@ -755,7 +755,7 @@ def raters_gold(workdir: WorkdirOpt = DEFAULT_WORKDIR) -> None:
 
         uv run harness raters gold --workdir work
     """
-    from app.voting import GOLD_NOISE_ID, add_gold_noise
+    from harness.voting import GOLD_NOISE_ID, add_gold_noise
 
     store = _open_store(workdir, create=False)
     with _store_errors():

@@ -669,6 +669,7 @@ def run(target: str, workdir: Path, metrics: str = DEFAULT_METRICS, **options: A
     from rich.console import Console
 
     from evaluators.image_metrics import NotEnoughImagesError
+    from evaluators.sinks import RecordError
     from harness.store import StoreBusyError, StoreError
     from trainers.errors import DataError, WeightsError
 
@@ -682,7 +683,7 @@ def run(target: str, workdir: Path, metrics: str = DEFAULT_METRICS, **options: A
     except StoreBusyError as e:
         err.print(str(e), markup=False, highlight=False)
         return 1
-    except (EvalError, WeightsError, NotEnoughImagesError, DataError, StoreError) as e:
+    except (EvalError, WeightsError, NotEnoughImagesError, DataError, StoreError, RecordError) as e:
         err.print(f"harness eval: {e}", markup=False, highlight=False)
         return 2
     print_scores(scores, out)

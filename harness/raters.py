@@ -27,20 +27,15 @@ import hashlib
 import hmac
 import re
 import secrets
-import time
 from dataclasses import dataclass
 from typing import Any
 
-from harness.store import Store, StoreError
+from harness.store import RaterError, Store
 
 TOKEN_BYTES = 24
 SALT_BYTES = 16
 _SCHEME = "sha256"
 _ID_OK = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-
-
-class RaterError(StoreError, ValueError):
-    """A rater could not be added: bad name, taken by a non-human rater, already has a token."""
 
 
 @dataclass(frozen=True)
@@ -101,29 +96,7 @@ def add_rater(store: Store, name: str, *, rotate: bool = False) -> tuple[str, st
     """
     rid = rater_id_for(name)
     token = new_token()
-    digest = hash_token(token)
-    with store.transaction() as con:
-        row = con.execute(
-            "SELECT kind, token_hash FROM raters WHERE rater_id = ?", [rid]
-        ).fetchone()
-        if row is None:
-            con.execute(
-                "INSERT INTO raters (rater_id, kind, name, created_at, token_hash) "
-                "VALUES (?, 'human', ?, ?, ?)",
-                [rid, name.strip(), time.time(), digest],
-            )
-            return rid, token
-        kind, stored = row
-        if kind != "human":
-            raise RaterError(
-                f"rater id {rid!r} is taken by a {kind} rater in {store.path}; choose another name"
-            )
-        if stored is not None and not rotate:
-            raise RaterError(
-                f"rater {rid!r} already has a voting link; pass --new-token to issue a new one "
-                "(the old link then stops working)"
-            )
-        con.execute("UPDATE raters SET token_hash = ? WHERE rater_id = ?", [digest, rid])
+    store.add_rater_token(rid, hash_token(token), name=name.strip(), rotate=rotate)
     return rid, token
 
 

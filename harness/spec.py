@@ -74,7 +74,8 @@ DESIGNS: dict[str, str] = {
 }
 """``design:`` names -> what they run. grid and ofat are ablation designs: every configuration is
 fixed before the study starts, so effects are not confounded by what a sampler chose."""
-Direction = Literal["minimize", "maximize"]
+from harness.store import Direction  # noqa: E402  (defined once, with the store's schema)
+
 _STORAGE_DIALECTS = ("sqlite", "postgresql", "mysql")
 
 # --------------------------------------------------------------------------------------------

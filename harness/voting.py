@@ -1,6 +1,7 @@
 """Pairwise human rating: which pair to show next, recording a vote exactly once, undo, gold
 pairs and rater reliability. Plain Python over the store (no Streamlit), so that the app's
-rating page, the tests and the concurrency test all cast votes through the same functions.
+rating page, the ``harness raters`` commands, the tests and the concurrency test all cast votes
+through the same functions.
 
 Pairs. A pair is two contestants' renders for the same prompt and seed (``renders``), so the
 same initial noise. Which two contestants: :func:`evaluators.ratings.next_pairs` over the human
@@ -43,7 +44,7 @@ from typing import Any, Literal
 import numpy as np
 
 from harness.arena import NOT_GOLD
-from harness.store import OUTCOMES, Store, StoreError, _comparison_id, decode_json
+from harness.store import OUTCOMES, Store, StoreError, comparison_hash, decode_json
 
 GOLD_RATE = 0.1
 """Share of issued pairs that are gold (attention checks)."""
@@ -297,7 +298,7 @@ def record_vote(
 def comparison_id(pair: IssuedPair, rater_id: str) -> str:
     """The stored id of a vote by ``rater_id`` on ``pair``: the store's own content hash
     (called, not copied, so that the two cannot drift apart)."""
-    return _comparison_id(
+    return comparison_hash(
         {
             "prompt": pair.prompt,
             "seed": pair.seed,
@@ -312,13 +313,7 @@ def comparison_id(pair: IssuedPair, rater_id: str) -> str:
 def undo_vote(store: Store, comparison_id_: str, rater_id: str, session: str) -> bool:
     """Delete a vote of this rater in this session; False if there was none. A rater can only
     undo their own votes of the current session."""
-    with store.transaction() as con:
-        gone = con.execute(
-            "DELETE FROM comparisons WHERE comparison_id = ? AND rater_id = ? AND session = ? "
-            "RETURNING comparison_id",
-            [comparison_id_, rater_id, session],
-        ).fetchall()
-    return bool(gone)
+    return store.delete_comparison(comparison_id_, rater_id=rater_id, session=session)
 
 
 def session_summary(store: Store, rater_id: str, session: str) -> dict[str, Any]:
@@ -409,13 +404,16 @@ def add_gold_noise(store: Store, out_dir: str | Path, *, size: int | None = None
         )
         path = out / f"p{r['prompt_id']:05d}_s{r['seed']}.png"
         Image.fromarray((noise.clip(0, 1) * 255).round().astype(np.uint8)).save(path)
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        new.append((r["prompt_id"], r["prompt"], r["category"], r["seed"], str(path), digest))
-    if new:
-        with store.transaction() as con:
-            con.executemany(
-                "INSERT INTO renders (contestant_id, prompt_id, prompt, category, seed, path, "
-                "sha256, time) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                [(GOLD_NOISE_ID, *row, time.time()) for row in new],
-            )
+        new.append(
+            {
+                "contestant_id": GOLD_NOISE_ID,
+                "prompt_id": r["prompt_id"],
+                "prompt": r["prompt"],
+                "category": r["category"],
+                "seed": r["seed"],
+                "path": str(path),
+                "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            }
+        )
+    store.add_renders(new)
     return len(new)

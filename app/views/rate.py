@@ -6,7 +6,7 @@ a nonce and its issue time), ``rate_voted`` (nonces already voted on) and ``rate
 (votes of this session, newest last, for undo). Votes are cast in button callbacks, which run
 before the page is drawn again, and each callback carries the nonce of the pair it was drawn
 for: a second click on a pair already voted on, or a click that arrives after the page moved
-on, is ignored; and the store itself counts a vote once (:mod:`app.voting`).
+on, is ignored; and the store itself counts a vote once (:mod:`harness.voting`).
 
 Keys: A (left better), B (right better), T (tie), X (both bad), U (undo): Streamlit's own
 button shortcuts (``st.button(shortcut=...)``), active while focus is not in a text field.
@@ -21,7 +21,9 @@ from dataclasses import asdict
 import streamlit as st
 
 from app import common
-from app.voting import (
+from harness.raters import Rater, authenticate
+from harness.store import StoreError
+from harness.voting import (
     IssuedPair,
     PlannedPair,
     issue,
@@ -30,8 +32,6 @@ from app.voting import (
     session_summary,
     undo_vote,
 )
-from harness.raters import Rater, authenticate
-from harness.store import StoreError
 
 # Votes per session the progress bar counts towards (a person tires after a few dozen). No
 # attribute docstrings in page scripts: Streamlit's "magic" would print them on the page.

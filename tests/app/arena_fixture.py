@@ -17,9 +17,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from app.voting import add_gold_noise
 from harness.raters import add_rater
 from harness.store import Store
+from harness.voting import add_gold_noise
 
 PX = 24
 PROMPTS = [

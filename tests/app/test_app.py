@@ -71,7 +71,7 @@ def test_rating_page_without_a_valid_token_cannot_vote(arena) -> None:
 
 
 def test_a_vote_is_stored_and_moves_the_leaderboard(arena, monkeypatch) -> None:
-    monkeypatch.setattr("app.voting.GOLD_RATE", 0.0)
+    monkeypatch.setattr("harness.voting.GOLD_RATE", 0.0)
     at = _app("views/rate.py", token=arena.token)
     pair = at.session_state["rate_pair"]
     assert [b.label for b in at.button] == ["A is better", "B is better", "Tie", "Both bad", "Undo"]
@@ -95,7 +95,7 @@ def test_a_vote_is_stored_and_moves_the_leaderboard(arena, monkeypatch) -> None:
 
 
 def test_undo_removes_the_vote_and_shows_the_pair_again(arena, monkeypatch) -> None:
-    monkeypatch.setattr("app.voting.GOLD_RATE", 0.0)
+    monkeypatch.setattr("harness.voting.GOLD_RATE", 0.0)
     at = _app("views/rate.py", token=arena.token)
     first = at.session_state["rate_pair"]
     at.button(key="vote_left").click().run()
@@ -109,7 +109,7 @@ def test_undo_removes_the_vote_and_shows_the_pair_again(arena, monkeypatch) -> N
 
 
 def test_a_resubmitted_vote_is_stored_once(arena, monkeypatch) -> None:
-    monkeypatch.setattr("app.voting.GOLD_RATE", 0.0)
+    monkeypatch.setattr("harness.voting.GOLD_RATE", 0.0)
     at = _app("views/rate.py", token=arena.token)
     pair = at.session_state["rate_pair"]
     at.button(key="vote_left").click().run()
@@ -130,7 +130,7 @@ def test_a_resubmitted_vote_is_stored_once(arena, monkeypatch) -> None:
 
 
 def test_gold_pairs_measure_reliability_and_stay_off_the_leaderboard(arena, monkeypatch) -> None:
-    monkeypatch.setattr("app.voting.GOLD_RATE", 1.0)
+    monkeypatch.setattr("harness.voting.GOLD_RATE", 1.0)
     at = _app("views/rate.py", token=arena.token)
     pair = at.session_state["rate_pair"]
     assert "gold:noise" in (pair.left_id, pair.right_id) and pair.gold_expected is not None
@@ -193,7 +193,7 @@ def test_run_page_opens_the_run_named_in_the_url(arena) -> None:
 
 
 def test_a_missing_render_is_skipped_not_a_crash(arena, monkeypatch) -> None:
-    monkeypatch.setattr("app.voting.GOLD_RATE", 0.0)
+    monkeypatch.setattr("harness.voting.GOLD_RATE", 0.0)
     with arena.store.transaction() as con:
         con.execute("UPDATE renders SET path = path || '.gone'")
     at = _app("views/rate.py", token=arena.token)

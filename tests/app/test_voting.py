@@ -14,17 +14,6 @@ import pytest
 from typer.testing import CliRunner
 
 from app import data
-from app.voting import (
-    GOLD_NOISE_ID,
-    add_gold_noise,
-    comparison_id,
-    issue,
-    plan_pairs,
-    record_vote,
-    reliability,
-    session_summary,
-    undo_vote,
-)
 from harness.arena import leaderboard as arena_leaderboard
 from harness.raters import (
     RaterError,
@@ -35,6 +24,17 @@ from harness.raters import (
     verify_token,
 )
 from harness.store import StoreError
+from harness.voting import (
+    GOLD_NOISE_ID,
+    add_gold_noise,
+    comparison_id,
+    issue,
+    plan_pairs,
+    record_vote,
+    reliability,
+    session_summary,
+    undo_vote,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -84,7 +84,7 @@ def test_cli_raters_add_prints_a_working_link(arena) -> None:
 
 # -- pairs and votes ------------------------------------------------------------------------------
 def test_planned_pairs_are_paired_renders_of_regular_contestants(arena, monkeypatch) -> None:
-    monkeypatch.setattr("app.voting.GOLD_RATE", 0.0)
+    monkeypatch.setattr("harness.voting.GOLD_RATE", 0.0)
     pairs = plan_pairs(arena.store, arena.rater_id, 8, rng=random.Random(0))
     assert len(pairs) == 8
     renders = {
@@ -104,7 +104,7 @@ def test_the_pair_sampler_asks_for_the_least_measured_pair(arena, monkeypatch) -
     """After many even human votes on c-good vs c-mid and c-mid vs c-bad, the pair never
     compared (c-good vs c-bad: undecided too, and only measured through c-mid, so with twice
     the variance) is the most useful one (evaluators.ratings.next_pairs)."""
-    monkeypatch.setattr("app.voting.GOLD_RATE", 0.0)
+    monkeypatch.setattr("harness.voting.GOLD_RATE", 0.0)
     rows = []
     for k in range(30):
         for left, right in (("c-good", "c-mid"), ("c-mid", "c-bad")):
@@ -144,7 +144,7 @@ def test_votes_are_stored_once_with_their_issue_time(arena) -> None:
 
 
 def test_gold_votes_count_for_reliability_only(arena, monkeypatch) -> None:
-    monkeypatch.setattr("app.voting.GOLD_RATE", 1.0)
+    monkeypatch.setattr("harness.voting.GOLD_RATE", 1.0)
     before = arena_leaderboard(arena.store, rounds=50)
     pairs = [issue(p, now=1.8e9 + k) for k, p in enumerate(
         plan_pairs(arena.store, arena.rater_id, 4, rng=random.Random(3)))]  # fmt: skip
@@ -234,7 +234,7 @@ _WRITER = textwrap.dedent(
 def test_no_vote_or_result_is_lost_while_others_write(arena, monkeypatch) -> None:
     """Two processes write metrics and judge verdicts to the same DuckDB file while votes are
     cast through the app's vote function: every write of every process is there at the end."""
-    monkeypatch.setattr("app.voting.GOLD_RATE", 0.2)
+    monkeypatch.setattr("harness.voting.GOLD_RATE", 0.2)
     n_writes, n_votes = 60, 30
     db = str(arena.workdir / "harness.duckdb")
     writers = [

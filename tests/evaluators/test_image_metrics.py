@@ -27,13 +27,14 @@ from evaluators.image_metrics import (
 )
 from evaluators.scores import (
     ProvenanceMismatchError,
+    RecordError,
     Score,
     compare_scores,
     put_scores,
     read_scores,
     scores_by_provenance,
 )
-from harness.store import Store, StoreError
+from harness.store import Store
 from tests.evaluators.metric_nets import write_random_inception, write_tiny_clip
 from trainers.data.shapes import ShapesDataset
 from trainers.errors import WeightsError
@@ -409,7 +410,7 @@ def test_scores_round_trip_and_remeasuring_replaces() -> None:
     assert rows[0]["provenance_hash"] == s.provenance_hash
     put_scores(store, [Score("run-a", "run", "fid", 30.0, 8, _prov(weights="zzz"))])
     assert len(read_scores(store, ["run-a"], "fid")) == 2
-    with pytest.raises(StoreError, match="not a finite number"):
+    with pytest.raises(RecordError, match="not a finite number"):
         Score("run-a", "run", "fid", float("nan"), 8, {})
 
 
@@ -428,7 +429,7 @@ def test_compare_refuses_scores_measured_differently() -> None:
         compare_scores(store, ["a", "c"], "fid")
     groups = scores_by_provenance(store, ["a", "b", "c"], "fid")
     assert [sorted(g["scores"]) for g in groups] == [["a", "b"], ["c"]]
-    with pytest.raises(StoreError, match="no fid score stored for d"):
+    with pytest.raises(RecordError, match="no fid score stored for d"):
         compare_scores(store, ["a", "d"], "fid")
     # A target measured both ways is comparable through the provenance it shares with the rest.
     put_scores(store, [Score("c", "run", "fid", 9.5, 8, _prov())])

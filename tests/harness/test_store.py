@@ -19,7 +19,8 @@ from typing import Any
 import duckdb
 import pytest
 
-from harness import store as store_module
+import harness.store.runs as store_runs
+import harness.store.schema as store_schema
 from harness.store import (
     MIGRATIONS,
     SCHEMA_VERSION,
@@ -103,8 +104,8 @@ def test_older_version_is_migrated(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     old = tmp_path / "old.duckdb"
     Store(old).create_study("s", SPEC, ["minimize"], ["fid"])
     v2 = "ALTER TABLE runs ADD COLUMN host VARCHAR;"
-    monkeypatch.setattr(store_module, "MIGRATIONS", (*store_module.MIGRATIONS, v2))
-    monkeypatch.setattr(store_module, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    monkeypatch.setattr(store_schema, "MIGRATIONS", (*store_schema.MIGRATIONS, v2))
+    monkeypatch.setattr(store_schema, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
 
     migrated, fresh = Store(old), Store(tmp_path / "fresh.duckdb")
     for s in (migrated, fresh):
@@ -312,7 +313,7 @@ def test_failure_inside_the_transaction_rolls_back_everything(
 ):
     """Metrics are inserted before samples; a failure at the samples insert must undo them."""
     run = make_run_dir(tmp_path / "run")
-    monkeypatch.setattr(store_module, "_SAMPLES_UPSERT", "INSERT INTO no_such_table VALUES (?)")
+    monkeypatch.setattr(store_runs, "_SAMPLES_UPSERT", "INSERT INTO no_such_table VALUES (?)")
     with pytest.raises(duckdb.Error):
         store.ingest_run_dir("r0", run.root)
     assert [count(store, t) for t in ("metrics", "samples", "runs")] == [0, 0, 0]
