@@ -3,7 +3,7 @@ counts rows in a loop; report any row that was committed but is missing afterwar
 
     uv run python bench/store_stress.py --writers 4 --rows 200 --rounds 6
 
-This is how the lost-commit problem behind the sidecar flock (harness/store.py) was found and
+This is how the lost-commit problem behind the sidecar flock (harness/store/core.py) was found and
 checked; tests/harness/test_store.py runs a smaller version of it on every CI run.
 """
 

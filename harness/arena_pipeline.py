@@ -14,7 +14,7 @@ setting. Its id is readable and deterministic, ``<run_id>@<solver>-<steps>-cfg<g
 the id says what it is. The shift is the one the run trained with (the export records it).
 
 **Paired rendering.** Every contestant renders the same prompt set with the same seeds. The
-initial noise of an image depends only on its seed (:func:`trainers.flow.initial_noise`), so
+initial noise of an image depends only on its seed (:func:`trainers.sampling.initial_noise`), so
 two contestants' images for one (prompt, seed) start from the same noise and any comparison
 between them is paired: differences come from the models and settings, not from the draw.
 Images go to ``WORKDIR/arena/renders/<contestant>/p<prompt_id>_s<seed>.png`` and the

@@ -9,9 +9,11 @@ from typing import Annotated
 
 import typer
 
+from evaluators.judging import judge_names
 from evaluators.metrics import METRICS
 
 METRIC_NAMES = tuple(METRICS)
+JUDGE_NAMES = tuple(judge_names())
 app = typer.Typer(
     help="Diffusion training ablation harness and evaluation arena.",
     no_args_is_help=True,
@@ -445,9 +447,7 @@ def arena_agreement(
 
 @app.command("judge")
 def judge_cmd(
-    judge: Annotated[
-        str, typer.Option("--judge", help="domain (offline), openai, or local:<model dir>")
-    ],
+    judge: Annotated[str, typer.Option("--judge", help=f"one of {', '.join(JUDGE_NAMES)}")],
     pairs: Annotated[int, typer.Option("--pairs", min=1, help="comparisons to ask for")] = 20,
     seed: Annotated[
         int | None, typer.Option("--seed", help="pair-sampler seed (default: votes so far)")

@@ -8,7 +8,7 @@ The flow loss is unchanged; REPA adds ``lambda * L_align`` where
 ``z`` are the backbone's hidden states after block ``layer`` (one token per image patch),
 ``h_phi`` a three-layer SiLU MLP (the projector, trained with the model) and ``y`` the patch
 features of the *clean* image from a frozen encoder (DINOv2, or any ViT, or the embedded data's
-encoder in ``evaluators/repa_encoder.py``).
+encoder in ``trainers/repa_encoder.py``).
 
 Pieces:
 

@@ -2,7 +2,7 @@
 
 REPA (Yu et al. 2024) aligns a diffusion backbone's hidden states with a frozen, pretrained
 encoder's patch features (DINOv2 for ImageNet). The shapes data has no pretrained encoder, so this
-module trains one once on generated images and caches it, exactly as ``evaluators/domain.py``
+module trains one once on generated images and caches it, exactly as ``trainers/domain.py``
 does for the attribute network, and through the same helpers (cache directory, fcntl lock,
 atomic writes, recipe hash in the file name).
 
@@ -141,7 +141,7 @@ def _train(recipe: PatchEncoderRecipe) -> tuple[PatchEncoder, dict[str, float]]:
     _TRAIN_COUNT += 1
     start = time.perf_counter()
     prev = torch.get_num_threads()
-    torch.set_num_threads(1)  # weights independent of the core count (see evaluators/domain.py)
+    torch.set_num_threads(1)  # weights independent of the core count (see trainers/domain.py)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(recipe.seed)

@@ -11,6 +11,7 @@ import streamlit as st
 
 from app import common
 from app.data import Filters
+from harness.store import RATER_KINDS
 
 ALL = "all"
 
@@ -20,14 +21,14 @@ def filters_ui(options: dict[str, list[str]]) -> Filters:
     c1, c2, c3, c4 = st.columns([1, 2, 1, 1])
     kind = c1.selectbox(
         "Rater kind",
-        [ALL, "human", "judge", "domain"],
+        [ALL, *RATER_KINDS],
         key="lb_kind",
         help="Whose votes: people, MLLM judges, the domain judge, or all combined",
     )
     pool = (
         options.get(kind, [])
         if kind != ALL
-        else [r for k in ("human", "judge", "domain") for r in options.get(k, [])]
+        else [r for k in RATER_KINDS for r in options.get(k, [])]
     )
     raters = c2.multiselect("Judge / rater", pool, key="lb_raters", placeholder="all")
     category = c3.selectbox("Prompt category", [ALL, *options["categories"]], key="lb_cat")
