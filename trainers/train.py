@@ -56,6 +56,11 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 _CPU = torch.device("cpu")
 
 
+# Convolutional backbones keep their weights channels-last: oneDNN's CPU convolutions (and
+# cuDNN's) are faster in that layout (bench/BENCHMARKS.md, "Training speed").
+CHANNELS_LAST_BACKBONES = frozenset({"unet"})
+
+
 class NonFiniteLoss(RuntimeError):
     pass
 
@@ -298,7 +303,10 @@ class FlowTrainer:
         self.shift = resolve_shift(cfg.timesteps, cfg.data.resolution)
         self.net = self.build_net().to(self.device)
         denoiser = self.net.denoiser
-        self.ema = EMAModel(self.net.parameters(), decay=cfg.train.ema_decay)
+        if cfg.model.backbone in CHANNELS_LAST_BACKBONES:
+            denoiser.to(memory_format=torch.channels_last)
+        # foreach: one kernel per op over every parameter instead of a Python loop per tensor.
+        self.ema = EMAModel(self.net.parameters(), decay=cfg.train.ema_decay, foreach=True)
         self.ema_net = self.net.ema_copy()
         # REPA's projector trains with the model (same optimizer, checkpointed) but is no part
         # of the model: not in the EMA, not exported. Built after the EMA copy so that the copy
@@ -312,7 +320,11 @@ class FlowTrainer:
         if self.repa is not None:
             self.params += list(self.repa.parameters())
         self.opt = torch.optim.AdamW(
-            self.params, lr=cfg.train.lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay
+            self.params,
+            lr=cfg.train.lr,
+            betas=cfg.train.betas,
+            weight_decay=cfg.train.weight_decay,
+            fused=self.device.type in ("cpu", "cuda"),  # one fused kernel for the whole step
         )
         warmup = cfg.train.warmup_steps
         self.sched = torch.optim.lr_scheduler.LambdaLR(
@@ -343,13 +355,16 @@ class FlowTrainer:
         """The hash of the config this trainer was started with (checkpoints carry it)."""
         return self.cfg.hash()
 
-    def _wrap(self, net: nn.Module) -> nn.Module:
+    def _wrap(self, net: FlowNet) -> nn.Module:
         model: nn.Module = net
+        if self.cfg.train.compile:
+            # The denoiser alone, in place: the text encoder takes Python strings (a new caption
+            # list would recompile the graph each step), and in-place compile keeps the
+            # state_dict keys (no ``_orig_mod.`` prefix in checkpoints and exports).
+            net.denoiser.compile()
         if self.dist.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(net, device_ids=ids)
-        if self.cfg.train.compile:
-            model = torch.compile(model)
         return model
 
     @property
