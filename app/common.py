@@ -18,7 +18,7 @@ from typing import Any
 
 import streamlit as st
 
-from app import data
+from harness import app_data as data
 from harness.store import Store
 
 TTL_S = 5

@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app import common
-from app.data import Filters
+from harness.app_data import Filters
 from harness.store import RATER_KINDS
 
 ALL = "all"

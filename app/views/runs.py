@@ -9,7 +9,8 @@ from typing import Any
 import plotly.graph_objects as go
 import streamlit as st
 
-from app import common, data
+from app import common
+from harness import app_data as data
 
 MAX_PER_STEP = 12
 

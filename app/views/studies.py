@@ -9,7 +9,8 @@ from typing import Any
 
 import streamlit as st
 
-from app import common, data
+from app import common
+from harness import app_data as data
 
 
 @st.cache_data(ttl=common.TTL_S, show_spinner=False)

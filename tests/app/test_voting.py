@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from app import data
+from harness import app_data as data
 from harness.arena import leaderboard as arena_leaderboard
 from harness.raters import (
     RaterError,
