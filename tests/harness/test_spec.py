@@ -756,3 +756,11 @@ def test_cli_check_invalid(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "search.timesteps.logit_std.low: 3.0 must be < high (2.0)" in result.stderr
     assert result.stdout == ""
+
+
+def test_the_design_option_set_is_its_registry() -> None:
+    from typing import get_args
+
+    from harness.spec import DESIGNS, Design
+
+    assert tuple(DESIGNS) == get_args(Design)

@@ -13,7 +13,7 @@ from trainers.config import parse_config
 from trainers.rundir import RunDir
 from trainers.train import CHANNELS_LAST_BACKBONES, Dist, FlowTrainer
 
-STEPS = 12
+STEPS = 6
 
 
 def _trainer(tmp: Path, backbone: str) -> FlowTrainer:
