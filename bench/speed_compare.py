@@ -29,17 +29,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from train_throughput import study_base  # bench/ is the script directory
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def study_config(steps: int | None) -> dict:
     """The default study's first configuration (uniform sampler, seed 0), as the runner writes
-    it, read with this checkout's spec code."""
-    sys.path.insert(0, str(REPO))
-    from harness.spec import load_study
-
-    spec = load_study(REPO / "studies" / "timestep.yaml")
-    config = spec.seed_config({"timesteps.sampler": "uniform"}, 0)
+    it; ``steps`` overrides its training steps (evaluation at the end)."""
+    config = study_base(REPO / "studies" / "timestep.yaml")
     if steps is not None:
         config["train"]["steps"] = steps
         config["eval"]["every"] = steps

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from harness.store import Direction  # defined once, with the store's schema
 from trainers.names import did_you_mean
 from trainers.registry import KNOWN_METRICS, SHAPES_ONLY_METRICS, TRAINERS, Trainer
 
@@ -74,7 +75,6 @@ DESIGNS: dict[str, str] = {
 }
 """``design:`` names -> what they run. grid and ofat are ablation designs: every configuration is
 fixed before the study starts, so effects are not confounded by what a sampler chose."""
-from harness.store import Direction  # noqa: E402  (defined once, with the store's schema)
 
 _STORAGE_DIALECTS = ("sqlite", "postgresql", "mysql")
 
