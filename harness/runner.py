@@ -43,7 +43,7 @@ from rich.console import Console
 
 from harness.launch import Outcome, TrainerProcess
 from harness.live import StudyView
-from harness.spec import SpecError, StudySpec
+from harness.spec import MODEL_REF_KEYS, SpecError, StudySpec
 from harness.store import Store, StoreError
 from trainers.rundir import RunDir
 
@@ -174,28 +174,35 @@ TEACHER_REF = "best:"
 
 
 def resolve_teacher_ref(spec: StudySpec, store: Store) -> StudySpec:
-    """``base.teacher: best:NAME`` (a distillation study) -> the run directory of study NAME's
-    best complete trial in this work directory's store. Anything else is returned unchanged."""
-    teacher = spec.base.get("teacher")
+    """``base.teacher: best:NAME`` (distillation) or ``base.init: best:NAME`` (fine-tuning) ->
+    the run directory of study NAME's best complete trial in this work directory's store.
+    Anything else is returned unchanged."""
+    for key in MODEL_REF_KEYS:
+        spec = _resolve_ref(spec, store, key)
+    return spec
+
+
+def _resolve_ref(spec: StudySpec, store: Store, key: str) -> StudySpec:
+    teacher = spec.base.get(key)
     if not (isinstance(teacher, str) and teacher.startswith(TEACHER_REF)):
         return spec
     name = teacher[len(TEACHER_REF) :]
     hint = (
-        f"run the teacher's study first with the same --workdir, e.g. `harness study run "
-        f"studies/{name}.yaml`, or set base.teacher to a finished run directory"
+        f"run that study first with the same --workdir, e.g. `harness study run "
+        f"studies/{name}.yaml`, or set base.{key} to a finished run directory"
     )
     rows = store.query("SELECT directions FROM studies WHERE name = ?", [name])
     if not rows:
         raise SpecError(
-            spec.path, [f"base.teacher: {teacher!r}: no study {name!r} in {store.path}; {hint}"]
+            spec.path, [f"base.{key}: {teacher!r}: no study {name!r} in {store.path}; {hint}"]
         )
     directions = rows[0]["directions"]
     if len(directions) != 1:
         raise SpecError(
             spec.path,
             [
-                f"base.teacher: {teacher!r}: study {name!r} has {len(directions)} objectives, "
-                "so it has no single best trial; set base.teacher to a run directory"
+                f"base.{key}: {teacher!r}: study {name!r} has {len(directions)} objectives, "
+                f"so it has no single best trial; set base.{key} to a run directory"
             ],
         )
     done = store.query(
@@ -205,11 +212,11 @@ def resolve_teacher_ref(spec: StudySpec, store: Store) -> StudySpec:
     )
     if not done:
         raise SpecError(
-            spec.path, [f"base.teacher: {teacher!r}: study {name!r} has no complete trial; {hint}"]
+            spec.path, [f"base.{key}: {teacher!r}: study {name!r} has no complete trial; {hint}"]
         )
     sign = 1.0 if directions[0] == "minimize" else -1.0
     best = min(done, key=lambda r: (sign * r["value"], r["number"]))
-    return spec.model_copy(update={"base": {**spec.base, "teacher": best["run_dir"]}})
+    return spec.model_copy(update={"base": {**spec.base, key: best["run_dir"]}})
 
 
 class StudyRunner:

@@ -1069,19 +1069,25 @@ def _resources_problems(res: Resources) -> list[str]:
     return []
 
 
+MODEL_REF_KEYS: tuple[str, ...] = ("teacher", "init")
+"""``base`` keys that name a starting model (distillation's teacher, a fine-tune's init): a
+finished run directory, an export, or ``best:STUDY``."""
+
+
 def _base_problems(base: dict[str, Any]) -> list[str]:
-    teacher = base.get("teacher")
-    if (
-        isinstance(teacher, str)
-        and not teacher.startswith("best:")
-        and not Path(teacher).expanduser().resolve().is_dir()
-    ):
-        return [
-            f"base.teacher: {teacher!r} does not exist (resolved "
-            f"{Path(teacher).expanduser().resolve()}, relative to the working directory); "
-            "give a finished flow run directory, or best:STUDY for the best trial of a "
-            "study run in the same work directory"
-        ]
+    for key in MODEL_REF_KEYS:
+        ref = base.get(key)
+        if (
+            isinstance(ref, str)
+            and not ref.startswith("best:")
+            and not Path(ref).expanduser().resolve().is_dir()
+        ):
+            return [
+                f"base.{key}: {ref!r} does not exist (resolved "
+                f"{Path(ref).expanduser().resolve()}, relative to the working directory); "
+                "give a finished flow run directory, or best:STUDY for the best trial of a "
+                "study run in the same work directory"
+            ]
     data = base.get("data")
     if not isinstance(data, dict) or data.get("kind") != "folder":
         return []

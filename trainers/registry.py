@@ -13,9 +13,11 @@ from pydantic import BaseModel
 
 from trainers.config import FlowConfig
 from trainers.distill.config import DistillConfig
+from trainers.finetune.config import FinetuneConfig
 
 __all__ = [
     "DISTILL_METRICS",
+    "FINETUNE_METRICS",
     "FLOW_METRICS",
     "KNOWN_METRICS",
     "SHAPES_ONLY_METRICS",
@@ -71,8 +73,25 @@ DISTILL_METRICS: frozenset[str] = frozenset(
 """The distillation trainer's metrics (trainers/distill/train.py; each method also logs its own
 ``train/<term>`` values, not objectives)."""
 
+_SUBJECT_ATTRIBUTES = tuple(a for a in _SHAPES_ATTRIBUTE_NAMES if a != "shape")
+FINETUNE_METRICS: frozenset[str] = frozenset(
+    [
+        *FLOW_METRICS,
+        *("train/instance_loss", "train/prior_loss"),
+        *("subject/fidelity", "subject/fidelity_floor", "subject/prompt_fidelity"),
+        *(f"subject/prompt_fidelity/{a}" for a in _SUBJECT_ATTRIBUTES),
+        *(f"prior_drift/{m}" for m in ("domain_fid", "attr_acc_mean", "attr_all_correct")),
+    ]
+)
+"""The fine-tuning trainer's metrics (trainers/finetune/train.py): the flow trainer's, the
+DreamBooth losses and subject metrics (trainers/subject_eval.py) and the prior's drift from
+step 0."""
+
 TRAINERS: dict[str, Trainer] = {
     "flow": Trainer(config=FlowConfig, module="trainers.flow", metrics=FLOW_METRICS),
     "distill": Trainer(config=DistillConfig, module="trainers.distill", metrics=DISTILL_METRICS),
+    "finetune": Trainer(
+        config=FinetuneConfig, module="trainers.finetune", metrics=FINETUNE_METRICS
+    ),
 }
 KNOWN_METRICS: frozenset[str] = frozenset().union(*(t.metrics for t in TRAINERS.values()))

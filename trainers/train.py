@@ -242,7 +242,8 @@ class BatchOrder:
 
 
 class FlowTrainer:
-    """Trains one model and writes its run directory; ``DistillTrainer`` subclasses it.
+    """Trains one model and writes its run directory; the post-training trainers
+    (``trainers/post.py``: distillation, fine-tuning) subclass it.
 
     The contract a subclass (or the :class:`Session` that drives it) relies on:
 
@@ -250,6 +251,11 @@ class FlowTrainer:
       optimizer) -> :meth:`try_resume` -> :meth:`fit` -> :meth:`finish`. :class:`Session` drives
       it and writes ``config.json`` (when absent) and ``status.json``; :func:`main` tees
       ``stdout.log`` / ``stderr.log``.
+    - :meth:`load_training_data` gives the images and captions (the configured data; a
+      fine-tune's method chooses its own); :meth:`build_net` decides what trains: the
+      parameters that require gradients when it returns are :meth:`trainable_parameters`, the
+      only ones the optimizer, clipping and EMA see (a frozen text encoder and LoRA's base
+      weights are not); :meth:`export_denoiser` is what ``final/transformer`` holds.
     - :meth:`build_net` runs right after ``torch.manual_seed(cfg.seed)`` and the data: initial
       weights come from the global RNG there, so anything a training choice adds (REPA's
       projector, a method's networks) must be built after it, or configurations sharing a seed
@@ -299,14 +305,19 @@ class FlowTrainer:
         # keep anything that a training choice (timesteps, REPA, ...) builds after build_net,
         # so that configurations sharing a seed start from the same denoiser (paired seeds).
         torch.manual_seed(cfg.seed)
-        self.data = load_data(cfg, self.device)
+        self.data = self.load_training_data()
         self.shift = resolve_shift(cfg.timesteps, cfg.data.resolution)
         self.net = self.build_net().to(self.device)
         denoiser = self.net.denoiser
         if cfg.model.backbone in CHANNELS_LAST_BACKBONES:
             denoiser.to(memory_format=torch.channels_last)
+        # The trained parameters, by name: the optimizer, the gradient clipping and the EMA see
+        # these alone (a LoRA fine-tune trains its adapters, not the frozen base weights).
+        self.trainable_names = [n for n, p in self.net.named_parameters() if p.requires_grad]
+        if not self.trainable_names:
+            raise ConfigError("the model has no trainable parameter; nothing would be trained")
         # foreach: one kernel per op over every parameter instead of a Python loop per tensor.
-        self.ema = EMAModel(self.net.parameters(), decay=cfg.train.ema_decay, foreach=True)
+        self.ema = EMAModel(self.trainable_parameters(), decay=cfg.train.ema_decay, foreach=True)
         self.ema_net = self.net.ema_copy()
         # REPA's projector trains with the model (same optimizer, checkpointed) but is no part
         # of the model: not in the EMA, not exported. Built after the EMA copy so that the copy
@@ -316,7 +327,7 @@ class FlowTrainer:
         if cfg.repa.weight > 0:
             self.repa = build_repa(cfg.repa, denoiser).to(self.device)
             self.repa.encoder.module.to(self.device)
-        self.params = [p for p in self.net.parameters() if p.requires_grad]
+        self.params = self.trainable_parameters()
         if self.repa is not None:
             self.params += list(self.repa.parameters())
         self.opt = torch.optim.AdamW(
@@ -335,6 +346,10 @@ class FlowTrainer:
         self.step = 0
         self.evaluator: Any = None
 
+    def load_training_data(self) -> TrainData:
+        """The images and captions trained on (before :meth:`build_net`): ``data:``'s."""
+        return load_data(self.cfg, self.device)
+
     def build_net(self) -> FlowNet:
         """The model to train: a freshly initialised backbone and the configured text encoder."""
         cfg = self.cfg
@@ -350,6 +365,14 @@ class FlowTrainer:
             overrides=cfg.model.overrides,
         )
         return FlowNet(denoiser, text_encoder)
+
+    def trainable_parameters(self, net: nn.Module | None = None) -> list[nn.Parameter]:
+        """The parameters training updates, in a fixed order: those of ``self.net`` that
+        required gradients when the model was built (:meth:`build_net` decides: a frozen text
+        encoder, LoRA's frozen base weights are left out); ``net``: the same-named parameters
+        of a copy of it (the EMA model)."""
+        params = dict((net or self.net).named_parameters())
+        return [params[n] for n in self.trainable_names]
 
     def config_hash(self) -> str:
         """The hash of the config this trainer was started with (checkpoints carry it)."""
@@ -373,6 +396,14 @@ class FlowTrainer:
         if p == "bf16" or (p == "auto" and self.device.type == "cuda"):
             return torch.bfloat16
         return None
+
+    def autocast(self) -> torch.autocast:
+        """The training forward's autocast context (bf16 when :attr:`autocast_dtype` says)."""
+        return torch.autocast(
+            self.device.type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
+        )
 
     # -- checkpoints ------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -440,11 +471,7 @@ class FlowTrainer:
             "" if d else self.data.captions[i]
             for i, d in zip(idx.tolist(), drop.tolist(), strict=True)
         ]
-        with torch.autocast(
-            self.device.type,
-            dtype=self.autocast_dtype or torch.float32,
-            enabled=self.autocast_dtype is not None,
-        ):
+        with self.autocast():
             out = flow_matching_loss(
                 lambda x, t: self.model(x, t, captions),
                 x0,
@@ -478,7 +505,7 @@ class FlowTrainer:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
         self.opt.step()
         self.sched.step()
-        self.ema.step(self.net.parameters())
+        self.ema.step(self.params[: len(self.trainable_names)])
         self.step += 1
         return grad_norm
 
@@ -519,7 +546,7 @@ class FlowTrainer:
 
     # -- evaluation and samples ---------------------------------------------------------------
     def ema_model(self) -> FlowNet:
-        self.ema.copy_to(self.ema_net.parameters())
+        self.ema.copy_to(self.trainable_parameters(self.ema_net))
         return self.ema_net
 
     def evaluate(self) -> dict[str, float]:
@@ -630,7 +657,13 @@ class FlowTrainer:
             "text_encoder": self.cfg.text.encoder,
             "weights": "ema",
         } | self.export_info()
-        save_export(self.run.final, net.denoiser, net.text_encoder, shift=self.shift, info=info)
+        save_export(
+            self.run.final, self.export_denoiser(net), net.text_encoder, shift=self.shift, info=info
+        )
+
+    def export_denoiser(self, net: FlowNet) -> nn.Module:
+        """The denoiser written to ``final/transformer`` (a LoRA fine-tune merges its adapters)."""
+        return net.denoiser
 
     def export_info(self) -> dict[str, Any]:
         """Extra ``harness.json`` fields (a subclass's)."""

@@ -1,7 +1,8 @@
 """The distillation trainer process: ``python -m trainers.distill --config C.json --run-dir DIR``.
 
-It is the flow trainer (``trainers/train.py``: the same run directory, resume, signals, EMA,
-evaluation, samples and export) with three things replaced:
+It is the post-training seam (``trainers/post.py``: the flow trainer's run directory, resume,
+signals, EMA, evaluation, samples and export, with a finished model as the start) with three
+things replaced:
 
 - the model: the student starts as the teacher's exported weights (``final/``); the text
   encoder is the teacher's, frozen; a second, frozen copy of the teacher gives the targets;
@@ -18,100 +19,55 @@ One process only: the methods call the student directly, outside DDP.
 from __future__ import annotations
 
 import copy
-import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from trainers.config import ConfigError, FlowConfig, load_config, parse_config
+from trainers.config import FlowConfig
 from trainers.distill.base import Batch, Context, expand
 from trainers.distill.config import DistillConfig, load_distill_config
 from trainers.distill.methods import build_method
-from trainers.errors import WeightsError
-from trainers.export import load_export
+from trainers.post import InitModel, PostTrainer, check_single_process, flow_view, resolve_init
 from trainers.rundir import RunDir
 from trainers.sampling import generate_student
-from trainers.train import Dist, FlowNet, FlowTrainer, NonFiniteLoss, main, step_generator
+from trainers.train import Dist, FlowNet, NonFiniteLoss, main, step_generator
 
-
-@dataclass(frozen=True)
-class Teacher:
-    """A resolved teacher: its export directory and the flow config it was trained with."""
-
-    export: Path
-    config: FlowConfig
+Teacher = InitModel
+"""A resolved teacher: the post-training seam's starting model (``trainers/post.py``)."""
 
 
 def resolve_teacher(cfg: DistillConfig) -> Teacher:
-    """``teacher`` is a finished run directory (``final/`` + ``config.json``) or an export
-    directory (``harness.json``; its parent's ``config.json`` is used when there is one, else
-    ``data`` must be given)."""
-    root = Path(cfg.teacher).expanduser()
-    if (root / "final" / "harness.json").is_file():
-        export, run_root = root / "final", root
-    elif (root / "harness.json").is_file():
-        export, run_root = root, root.parent
-    else:
-        raise WeightsError(
-            f"teacher {cfg.teacher!r} is neither a finished run directory (with "
-            "final/harness.json) nor an exported model (with harness.json); train the teacher "
-            "first, e.g. `harness study run studies/timestep.yaml`, and pass its run directory"
-        )
-    run_config = run_root / "config.json"
-    if run_config.is_file():
-        flow = load_config(run_config)
-    elif cfg.data is not None:
-        meta = json.loads((export / "harness.json").read_text())
-        flow = parse_config(
-            {
-                "model": {"backbone": meta["backbone"]},
-                "text": {"encoder": meta.get("text_encoder", "vocab")},
-                "timesteps": meta.get("timesteps", {}),
-                "data": cfg.data.model_dump(),
-            }
-        )
-    else:
-        raise ConfigError(
-            f"teacher {cfg.teacher!r} has no config.json next to its export, so its training "
-            "data is unknown; give `data:` in the distillation config"
-        )
-    if not isinstance(flow, FlowConfig):
-        raise ConfigError(f"teacher {cfg.teacher!r} was not trained by the flow trainer")
-    return Teacher(export, flow)
+    """``teacher`` is a finished run directory or an export (:func:`trainers.post.resolve_init`)."""
+    return resolve_init(cfg.teacher, cfg.data, key="teacher")
 
 
 def student_view(cfg: DistillConfig, teacher: Teacher) -> FlowConfig:
     """The flow config the student is trained and evaluated under: the teacher's model, data,
     text and timesteps; this config's seed, train, eval and sample settings, with evaluation
-    and samples at the student's step count and no guidance."""
-    data = teacher.config.model_dump(mode="json")
+    and samples at the student's step count and no guidance, and no caption dropout (the
+    student learns the conditional, guided output)."""
     steps = cfg.distill.steps
-    data.update(
+    return flow_view(
+        teacher,
         seed=cfg.seed,
-        train=cfg.train.model_dump(mode="json"),
+        train=cfg.train,
         eval=cfg.eval.model_dump(mode="json") | {"steps": steps, "guidance": 1.0},
         sample=cfg.sample.model_dump(mode="json") | {"steps": steps, "guidance": 1.0},
+        data=cfg.data,
+        cfg_dropout=0.0,
     )
-    data.pop("repa", None)
-    data["text"]["cfg_dropout"] = 0.0  # the student learns the conditional, guided output
-    if cfg.data is not None:
-        data["data"] = cfg.data.model_dump(mode="json")
-    return parse_config(data, "<student view>")
 
 
-class DistillTrainer(FlowTrainer):
+class DistillTrainer(PostTrainer):
+    """The post-training seam with the teacher as the starting model and the student its
+    trained copy."""
+
     def __init__(self, cfg: DistillConfig, run: RunDir, dist_: Dist):
-        if dist_.world > 1:
-            raise ConfigError(
-                "distillation runs in one process; launch it without torchrun "
-                "(resources.gpus_per_trial: 1)"
-            )
-        self.dcfg = cfg
-        self.teacher_info = resolve_teacher(cfg)
+        check_single_process(dist_, "distillation")
+        self.pcfg = self.dcfg = cfg
+        self.init = self.teacher_info = resolve_teacher(cfg)
         super().__init__(student_view(cfg, self.teacher_info), run, dist_)
         self.teacher = copy.deepcopy(self.net.denoiser).requires_grad_(False).eval()
         self.ctx = Context(
@@ -128,20 +84,6 @@ class DistillTrainer(FlowTrainer):
         if dist_.main:
             self.method.prepare(run.root / "distill")
         self._window: dict[str, list[float]] = {}
-
-    def build_net(self) -> FlowNet:
-        exported = load_export(self.teacher_info.export, self.device)
-        text = exported.text_encoder.requires_grad_(False).eval()
-        text.trainable = False  # frozen: FlowNet keeps it out of parameters() and checkpoints
-        if float(exported.meta["shift"]) != self.shift:
-            raise WeightsError(
-                f"teacher export {self.teacher_info.export} was trained with shift "
-                f"{exported.meta['shift']} but its config gives {self.shift}"
-            )
-        return FlowNet(exported.denoiser.train().requires_grad_(True), text)
-
-    def config_hash(self) -> str:
-        return self.dcfg.hash()
 
     def state(self) -> dict[str, Any]:
         return super().state() | {"method": self.method.extra_state()}
@@ -207,7 +149,7 @@ class DistillTrainer(FlowTrainer):
 
     def export_info(self) -> dict[str, Any]:
         d = self.dcfg.distill
-        return {
+        return super().export_info() | {
             "distill": {
                 "method": d.method,
                 "steps": d.steps,

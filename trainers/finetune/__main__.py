@@ -1,0 +1,3 @@
+from trainers.finetune.train import run
+
+raise SystemExit(run())

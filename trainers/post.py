@@ -1,0 +1,166 @@
+"""The post-training seam: every trainer that starts from a finished model.
+
+Distillation (``trainers/distill``) and fine-tuning (``trainers/finetune``: continued training,
+SFT, DreamBooth) are the flow trainer (``trainers/train.py``: run directory, resume, SIGTERM,
+EMA, evaluation, samples, export) with the model loaded instead of built. What they share is
+here, once:
+
+- :func:`resolve_init`: the starting model is a finished run directory (``final/`` plus its
+  ``config.json``) or an export directory (``harness.json``; its parent's ``config.json`` when
+  there is one, else the config's ``data`` gives the training data);
+- :func:`flow_view`: the flow config the post-trained model is trained and evaluated under: the
+  starting run's model, text encoder and timesteps; the post-training config's seed, data,
+  train, eval and sample settings;
+- :class:`PostTrainer`: loads the export as the model (the text encoder frozen: it is not part
+  of the trained parameters nor of checkpoints), checks the shift, hashes its own config and
+  records where it started in ``final/harness.json``. Subclasses choose what is trained with
+  :meth:`~trainers.train.FlowTrainer.trainable_parameters` (decided in :meth:`build_net`:
+  parameters that require gradients there) and the loss in ``train_step``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainers.config import ConfigError, DataConfig, FlowConfig, load_config, parse_config
+from trainers.errors import WeightsError
+from trainers.export import ExportedModel, load_export
+from trainers.train import Dist, FlowNet, FlowTrainer
+
+__all__ = ["InitModel", "PostTrainer", "check_single_process", "flow_view", "resolve_init"]
+
+
+@dataclass(frozen=True)
+class InitModel:
+    """A resolved starting model: its export directory and the flow config it was trained with
+    (for a distilled or fine-tuned start: the flow config that run trained under)."""
+
+    export: Path
+    config: FlowConfig
+
+
+def resolve_init(source: str, data: DataConfig | None, key: str = "init") -> InitModel:
+    """``source`` (the config field ``key``) is a finished run directory (``final/`` +
+    ``config.json``) or an export directory (``harness.json``; its parent's ``config.json`` is
+    used when there is one, else ``data`` must be given)."""
+    root = Path(source).expanduser()
+    if (root / "final" / "harness.json").is_file():
+        export, run_root = root / "final", root
+    elif (root / "harness.json").is_file():
+        export, run_root = root, root.parent
+    else:
+        raise WeightsError(
+            f"{key} {source!r} is neither a finished run directory (with "
+            "final/harness.json) nor an exported model (with harness.json); train the model "
+            "first, e.g. `harness study run studies/timestep.yaml`, and pass its run directory"
+        )
+    meta = json.loads((export / "harness.json").read_text())
+    run_config = run_root / "config.json"
+    if run_config.is_file():
+        raw = json.loads(run_config.read_text())
+        if raw.get("trainer", "flow") != "flow":
+            # A distilled or fine-tuned start: the flow config its own run trained under.
+            if "flow_config" not in meta:
+                raise ConfigError(
+                    f"{key} {source!r} is a {raw.get('trainer')!r} run exported before its "
+                    "flow config was recorded; start from the flow run it came from"
+                )
+            flow = parse_config(meta["flow_config"], str(export / "harness.json"))
+        else:
+            flow = load_config(run_config)
+    elif data is not None:
+        flow = parse_config(
+            {
+                "model": {"backbone": meta["backbone"]},
+                "text": {"encoder": meta.get("text_encoder", "vocab")},
+                "timesteps": meta.get("timesteps", {}),
+                "data": data.model_dump(),
+            }
+        )
+    else:
+        raise ConfigError(
+            f"{key} {source!r} has no config.json next to its export, so its training "
+            "data is unknown; give `data:` in the config"
+        )
+    if not isinstance(flow, FlowConfig):
+        raise ConfigError(f"{key} {source!r} was not trained by the flow trainer")
+    return InitModel(export, flow)
+
+
+def flow_view(
+    init: InitModel,
+    *,
+    seed: int,
+    train: Any,
+    eval: Any,
+    sample: Any,
+    data: DataConfig | None,
+    cfg_dropout: float | None = None,
+) -> FlowConfig:
+    """The flow config a post-trained model is trained and evaluated under: ``init``'s model,
+    text encoder and timesteps (REPA off); these seed, train, eval and sample settings (pydantic
+    models or dicts), and ``data`` when given (else ``init``'s); ``cfg_dropout`` replaces the
+    caption dropout when given."""
+    out = init.config.model_dump(mode="json")
+
+    def plain(x: Any) -> Any:
+        return x.model_dump(mode="json") if hasattr(x, "model_dump") else dict(x)
+
+    out.update(seed=seed, train=plain(train), eval=plain(eval), sample=plain(sample))
+    out.pop("repa", None)
+    if cfg_dropout is not None:
+        out["text"]["cfg_dropout"] = cfg_dropout
+    if data is not None:
+        out["data"] = data.model_dump(mode="json")
+    return parse_config(out, "<post-training view>")
+
+
+class PostTrainer(FlowTrainer):
+    """A flow trainer whose model is a finished export (see the module docstring).
+
+    Subclasses set ``self.pcfg`` (their own config, with a ``hash()``) and ``self.init`` before
+    calling ``super().__init__(flow_view(...), run, dist_)``.
+    """
+
+    pcfg: Any
+    init: InitModel
+
+    def load_init(self) -> ExportedModel:
+        """The starting export on this trainer's device (denoiser in train mode, gradients
+        on; text encoder frozen)."""
+        exported = load_export(self.init.export, self.device)
+        if float(exported.meta["shift"]) != self.shift:
+            raise WeightsError(
+                f"export {self.init.export} was trained with shift {exported.meta['shift']} "
+                f"but its config gives {self.shift}"
+            )
+        text = exported.text_encoder.requires_grad_(False).eval()
+        text.trainable = False  # frozen: FlowNet keeps it out of parameters() and checkpoints
+        exported.denoiser.train().requires_grad_(True)
+        return exported
+
+    def build_net(self) -> FlowNet:
+        exported = self.load_init()
+        return FlowNet(exported.denoiser, exported.text_encoder)
+
+    def config_hash(self) -> str:
+        return self.pcfg.hash()
+
+    def export_info(self) -> dict[str, Any]:
+        """Where training started, and the flow config it trained under (a later post-training
+        run that starts from this one reads it)."""
+        return {
+            "init": str(self.init.export.resolve()),
+            "flow_config": self.cfg.model_dump(mode="json"),
+        }
+
+
+def check_single_process(dist_: Dist, what: str) -> None:
+    """Post-trainers that call the model outside DDP refuse ``torchrun``."""
+    if dist_.world > 1:
+        raise ConfigError(
+            f"{what} runs in one process; launch it without torchrun (resources.gpus_per_trial: 1)"
+        )
