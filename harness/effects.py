@@ -39,7 +39,18 @@ from trainers.rundir import RunDir
 
 # Reported beside the objective. eval/flow_loss rather than train/loss: the training loss is
 # weighted by the trial's own timestep sampler, so it is not comparable across samplers.
-SECONDARY = ("attr_acc_mean", "heldout_attr_acc_mean", "domain_fid", "eval/flow_loss")
+# A fine-tune's subject metrics and the prior's drift (trainers/finetune) are shown when its
+# trials wrote them.
+SECONDARY = (
+    "attr_acc_mean",
+    "heldout_attr_acc_mean",
+    "domain_fid",
+    "eval/flow_loss",
+    "subject/fidelity",
+    "subject/prompt_fidelity",
+    "prior_drift/domain_fid",
+    "prior_drift/attr_acc_mean",
+)
 
 _LOWER_IS_BETTER = ("domain_fid", "eval/flow_loss", "train/loss")
 N_BOOT = 1000
@@ -268,7 +279,7 @@ def analyse(
     """Gather the study's configurations and compute summaries, effects and ranks."""
     configs = gather(study)
     objective, direction = metrics[0], directions[0]
-    shown = [objective, *(m for m in SECONDARY if m != objective)]
+    shown = list(dict.fromkeys([objective, *metrics[1:], *SECONDARY]))
     shown = [m for m in shown if any(c.values(m) for c in configs)]
     hib = {m: higher_is_better(m, objective, direction) for m in shown}
     base, kind = _pick_baseline(configs, baseline, objective, hib.get(objective, False))

@@ -2,14 +2,38 @@
 
 ```
 final/
-  transformer/     the backbone (EMA weights), ``save_pretrained``
-  text_encoder/    the vocab encoder (``save_pretrained``) or a record of the frozen one used
-  scheduler/       ``FlowMatchEulerDiscreteScheduler(shift=<training shift>)``, ``save_pretrained``
-  harness.json     backbone name, data space (pixels or VAE), shift, timestep sampler, config hash
+  model_index.json      the diffusers pipeline: its class and components, and its settings
+                        (text encoder kind, sample shape, a student's sampler and steps)
+  harness_pipeline.py   HarnessFlowPipeline, a copy of trainers/pipeline_export.py
+                        (self-contained: torch, diffusers, transformers only)
+  transformer/          the backbone (EMA weights), ``save_pretrained``
+  text_encoder/         vocab: the encoder (``save_pretrained``) and vocab_text_encoder.py
+                        (the same file again: diffusers loads a custom component's class from
+                        its folder); frozen (minilm / clip / t5): the transformers model
+                        (``save_pretrained``) and text_encoder.json, the record of the original
+  tokenizer/            frozen encoders only: the tokenizer, ``save_pretrained``
+  scheduler/            ``FlowMatchEulerDiscreteScheduler(shift=<training shift>)``
+  vae/                  latent-space models only: the ``AutoencoderKL``, ``save_pretrained``
+  harness.json          backbone name, data space (pixels or VAE), shift, timestep sampler,
+                        config hash, ``distill`` (a student's method, sampler and steps)
 ```
 
-The scheduler records the shift so a diffusers user sees it too; our own sampler reads the shift
-from ``harness.json``.
+With diffusers alone (no project code)::
+
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained("runs/<run>/final", trust_remote_code=True)
+    images = pipe(["a red circle"], seeds=[0], output_type="pt").images  # [N, 3, H, W], [0, 1]
+
+gives the images of ``load_export(path).generate(prompts, seeds, steps=..., solver=...,
+guidance=...)`` with the same settings, mapped from [-1, 1] to [0, 1] (``num_inference_steps``
+defaults to 25, or to a distilled student's own step count; ``guidance_scale`` to 3.0, and a
+student takes none). ``trust_remote_code=True`` is diffusers' requirement for a local directory
+that ships code.
+
+The scheduler records the shift so a diffusers user sees it too: the shipped pipeline reads it
+from there, our own sampler from ``harness.json``. Exports written before ``model_index.json``
+existed (no pipeline, frozen encoders only referenced) still load with :func:`load_export`.
 """
 
 from __future__ import annotations
@@ -21,15 +45,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from trainers import pipeline_export
 from trainers.errors import WeightsError
 from trainers.models import Denoiser
 from trainers.sampling import generate_images, generate_student
-from trainers.text import load_text_encoder, save_text_encoder
+from trainers.text import (
+    FrozenTextEncoder,
+    VocabTextEncoder,
+    load_text_encoder,
+    save_text_encoder,
+)
 
-EXPORT_FORMAT = 1
+# 2: with the diffusers pipeline (model_index.json, copies of frozen encoders and the VAE);
+# 1: the harness's files only. load_export reads both.
+EXPORT_FORMAT = 2
+PIPELINE_FILE = "harness_pipeline.py"
+PIPELINE_CLASS = "HarnessFlowPipeline"
+VOCAB_ENCODER_FILE = "vocab_text_encoder.py"
 
 
 def state_dict_hash(state: dict[str, torch.Tensor]) -> str:
@@ -49,12 +85,76 @@ def save_export(
     shift: float,
     info: dict[str, Any],
 ) -> None:
+    """Write the ``final/`` directory (see the module docstring): the harness's files, loaded by
+    :func:`load_export`, and a diffusers pipeline over the same files (``model_index.json`` and
+    the shipped pipeline), loaded by ``DiffusionPipeline.from_pretrained``.
+
+    ``info`` goes into ``harness.json``; its ``latent_shape`` (the sampled shape), ``vae`` /
+    ``vae_subfolder`` (the VAE, copied into ``vae/``) and ``distill`` (``sampler``, ``steps``)
+    also configure the pipeline.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     denoiser.save_pretrained(directory / "transformer")
-    save_text_encoder(text_encoder, directory / "text_encoder")
+    save_text_encoder(
+        text_encoder,
+        directory / "text_encoder",
+        copy_weights=True,
+        tokenizer_directory=directory / "tokenizer",
+    )
     FlowMatchEulerDiscreteScheduler(shift=shift).save_pretrained(directory / "scheduler")
+    if info.get("vae"):
+        from trainers.data.latents import load_vae
+
+        load_vae(info["vae"], info.get("vae_subfolder")).save_pretrained(directory / "vae")
     meta = {"format": EXPORT_FORMAT, "backbone": denoiser.backbone, "shift": shift, **info}
+    write_pipeline(directory, denoiser, text_encoder, meta)
     (directory / "harness.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def write_pipeline(
+    directory: Path, denoiser: Denoiser, text_encoder: torch.nn.Module, meta: dict[str, Any]
+) -> None:
+    """``model_index.json`` and the shipped pipeline file for an export's components.
+
+    Written by hand rather than with ``DiffusionPipeline.save_pretrained``: the components are
+    saved by the harness already, and a pipeline object built here would record this project's
+    module (``trainers.pipeline_export``) as the source of its classes, which a diffusers user
+    does not have; the index must name the shipped files instead.
+    """
+    source = Path(pipeline_export.__file__).read_text()
+    (directory / PIPELINE_FILE).write_text(source)
+    if isinstance(text_encoder, VocabTextEncoder):
+        (directory / "text_encoder" / VOCAB_ENCODER_FILE).write_text(source)
+        text_component = [Path(VOCAB_ENCODER_FILE).stem, pipeline_export.VocabTextEncoder.__name__]
+        tokenizer_component: list[str | None] = [None, None]
+        kind, max_length = "vocab", int(text_encoder.config.max_length)
+    elif isinstance(text_encoder, FrozenTextEncoder):
+        text_component = ["transformers", type(text_encoder.model).__name__]
+        tokenizer_component = ["transformers", type(text_encoder.tokenizer).__name__]
+        kind, max_length = text_encoder.kind, int(text_encoder.max_length)
+    else:
+        raise TypeError(f"cannot export a {type(text_encoder).__name__} text encoder")
+    config = denoiser.transformer.config
+    shape = meta.get("latent_shape") or [config.in_channels, config.sample_size, config.sample_size]
+    channels, height, width = (int(n) for n in shape)
+    distill = meta.get("distill") or {}
+    index = {
+        "_class_name": [Path(PIPELINE_FILE).stem, PIPELINE_CLASS],
+        "_diffusers_version": diffusers.__version__,
+        "transformer": ["diffusers", type(denoiser.transformer).__name__],
+        "scheduler": ["diffusers", FlowMatchEulerDiscreteScheduler.__name__],
+        "text_encoder": text_component,
+        "tokenizer": tokenizer_component,
+        "vae": ["diffusers", "AutoencoderKL"] if meta.get("vae") else [None, None],
+        "text_encoder_kind": kind,
+        "max_length": max_length,
+        "sample_channels": channels,
+        "sample_height": height,
+        "sample_width": width,
+        "student_sampler": distill.get("sampler"),
+        "student_steps": distill.get("steps"),
+    }
+    (directory / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 @dataclass
@@ -125,7 +225,8 @@ class ExportedModel:
 
 
 def load_export(directory: str | Path, device: torch.device | str = "cpu") -> ExportedModel:
-    """Load ``final/`` written by :func:`save_export`."""
+    """Load ``final/`` written by :func:`save_export` (or by earlier versions, without
+    ``model_index.json``) with this project's classes, on ``device``."""
     directory = Path(directory)
     meta_path = directory / "harness.json"
     if not meta_path.is_file():
@@ -141,6 +242,9 @@ def load_export(directory: str | Path, device: torch.device | str = "cpu") -> Ex
     if meta.get("vae"):
         from trainers.data.latents import VaeCodec, load_vae
 
-        vae = VaeCodec(load_vae(meta["vae"], meta.get("vae_subfolder")))
+        if (directory / "vae" / "config.json").is_file():  # the export's copy
+            vae = VaeCodec(load_vae(str(directory / "vae")))
+        else:  # exports written before the VAE was copied: the recorded source
+            vae = VaeCodec(load_vae(meta["vae"], meta.get("vae_subfolder")))
     model = ExportedModel(denoiser.eval(), text_encoder.eval(), meta, vae)
     return model.to(device)

@@ -78,7 +78,8 @@ FINETUNE_METRICS: frozenset[str] = frozenset(
     [
         *FLOW_METRICS,
         *("train/instance_loss", "train/prior_loss"),
-        *("subject/fidelity", "subject/fidelity_floor", "subject/prompt_fidelity"),
+        *("subject/fidelity", "subject/fidelity_floor", "subject/fidelity_ceiling"),
+        *("subject/prompt_fidelity", "subject/prompt_fidelity_ceiling"),
         *(f"subject/prompt_fidelity/{a}" for a in _SUBJECT_ATTRIBUTES),
         *(f"prior_drift/{m}" for m in ("domain_fid", "attr_acc_mean", "attr_all_correct")),
     ]

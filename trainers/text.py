@@ -703,29 +703,83 @@ def build_text_encoder(cfg: TextConfig, vocabulary: list[str] | None = None) -> 
     return TEXT_ENCODERS[cfg.encoder](cfg, vocabulary)
 
 
-def save_text_encoder(encoder: nn.Module, directory: str | Path) -> None:
+def save_text_encoder(
+    encoder: nn.Module,
+    directory: str | Path,
+    *,
+    copy_weights: bool = False,
+    tokenizer_directory: str | Path | None = None,
+) -> None:
     """Export ``encoder`` into ``directory``.
 
-    ``vocab``: ``save_pretrained`` (config.json + safetensors weights). Frozen encoders: only
-    ``text_encoder.json`` (kind, path, max_length, sha256 of the weight and tokenizer files),
-    so an exported model records exactly which encoder it was trained with without copying it.
+    ``vocab``: ``save_pretrained`` (config.json + safetensors weights). Frozen encoders:
+    ``text_encoder.json`` (kind, path, max_length, sha256 of the weight and tokenizer files), so
+    an exported model records exactly which encoder it was trained with. By default the weights
+    are only referenced, not copied. With ``copy_weights`` the transformers model is also saved
+    into ``directory`` and its tokenizer into ``tokenizer_directory`` (default: ``directory``),
+    both with transformers' ``save_pretrained``; the record then also holds the sha256 of the
+    copies (its ``copy`` entry), and :func:`load_text_encoder` loads the copy, so the export no
+    longer needs the original files. ``trainers.export.save_export`` copies them into
+    ``text_encoder/`` and ``tokenizer/``, the layout of a diffusers pipeline.
     """
     directory = Path(directory)
     if isinstance(encoder, VocabTextEncoder):
         encoder.save_pretrained(directory)
     elif isinstance(encoder, FrozenTextEncoder):
         directory.mkdir(parents=True, exist_ok=True)
-        record = json.dumps(encoder.export_record(), indent=2)
-        (directory / FROZEN_ENCODER_FILE).write_text(record + "\n")
+        record = encoder.export_record()
+        if copy_weights:
+            tokenizer_dir = Path(tokenizer_directory) if tokenizer_directory else directory
+            # Where _tokenizer_dir looks when loading: next to the model, or the pipeline sibling.
+            allowed = {directory}
+            if directory.name.startswith("text_encoder"):
+                allowed.add(
+                    directory.parent / directory.name.replace("text_encoder", "tokenizer", 1)
+                )
+            if tokenizer_dir not in allowed:
+                raise ValueError(
+                    f"cannot save the tokenizer of {directory} into {tokenizer_dir}: loading looks "
+                    f"for it in {' or '.join(map(str, sorted(allowed)))}"
+                )
+            _link_or_copy(
+                [encoder.model_dir / "config.json", *_weight_files(encoder.model_dir)], directory
+            )
+            encoder.tokenizer.save_pretrained(tokenizer_dir)
+            record["copy"] = {
+                "model_class": type(encoder.model).__name__,
+                "tokenizer_class": type(encoder.tokenizer).__name__,
+                "weights_sha256": weights_sha256(directory),
+                "tokenizer_sha256": _tokenizer_sha256(tokenizer_dir),
+            }
+        (directory / FROZEN_ENCODER_FILE).write_text(json.dumps(record, indent=2) + "\n")
     else:
         raise TypeError(f"cannot save a {type(encoder).__name__}; expected a text encoder")
+
+
+def _link_or_copy(files: Sequence[Path], directory: Path) -> None:
+    """Put ``files`` into ``directory`` unchanged: hard links where the file system allows
+    (a frozen encoder's weights are the same bytes in every export: ~90 MB for MiniLM, once on
+    disk however many runs export it), else copies."""
+    import os
+    import shutil
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        target = directory / f.name
+        target.unlink(missing_ok=True)
+        try:
+            os.link(f, target)
+        except OSError:
+            shutil.copy2(f, target)
 
 
 def load_text_encoder(directory: str | Path) -> nn.Module:
     """Re-create the encoder ``save_text_encoder`` wrote into ``directory``.
 
-    Frozen encoders are loaded again from their recorded path (the packaged MiniLM when it was
-    the default) and their files are checked against the recorded hashes.
+    Frozen encoders are loaded from the copy saved next to the record when there is one (its
+    ``copy`` entry), else again from their recorded path (the packaged MiniLM when it was the
+    default, as in exports written before copies existed); the files are checked against the
+    recorded hashes either way.
 
     Raises:
         WeightsError: the directory or the recorded weights are missing, corrupt, or differ
@@ -772,6 +826,13 @@ def _load_frozen(record_file: Path) -> FrozenTextEncoder:
         ) from None
     if kind not in _FROZEN_CLASSES:
         raise WeightsError(f"{record_file}: {_unknown(str(kind))}")
+    copy = record.get("copy")
+    if isinstance(copy, dict):
+        # The export holds its own copy (save_text_encoder(copy_weights=True)): load it, check
+        # it against the hashes taken when it was written.
+        path, expected_hashes = str(record_file.parent), copy
+    else:
+        expected_hashes = record
     shown = path if path is not None else record.get("resolved_path")
     try:
         encoder = _FROZEN_CLASSES[kind](path=path, max_length=max_length)
@@ -784,12 +845,16 @@ def _load_frozen(record_file: Path) -> FrozenTextEncoder:
         ("weights_sha256", weights_sha256(encoder.model_dir)),
         ("tokenizer_sha256", _tokenizer_sha256(encoder.tokenizer_dir)),
     ):
-        expected = record.get(key)
+        expected = expected_hashes.get(key)
         if expected is not None and expected != actual:
+            fix = (
+                "the export's copy was modified: re-export the model"
+                if expected_hashes is not record
+                else f"restore the original files at {shown!r} or retrain with the new encoder"
+            )
             raise WeightsError(
                 f"{record_file}: the {kind} text encoder at {encoder.model_dir} is not the one "
                 f"this model was exported with ({key} {actual[:16]}... != recorded "
-                f"{expected[:16]}...); "
-                f"restore the original files at {shown!r} or retrain with the new encoder"
+                f"{expected[:16]}...); {fix}"
             )
     return encoder

@@ -305,3 +305,10 @@ def test_each_method_end_to_end_as_a_process(
     assert torch.equal(to_uint8(img)[0].permute(1, 2, 0), saved)
     if method == "dreambooth":
         assert "sks" in final[0]["prompt"]  # the sample grid shows the subject
+
+
+def test_registry_lists_every_subject_metric() -> None:
+    from trainers.registry import FINETUNE_METRICS
+    from trainers.subject_eval import METRIC_NAMES
+
+    assert set(METRIC_NAMES) <= FINETUNE_METRICS

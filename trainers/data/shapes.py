@@ -113,6 +113,15 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
     elif shape == "triangle":
         offsets = [-np.pi / 2 + k * 2 * np.pi / 3 for k in range(3)]
         r = r * 1.25
+    elif shape == "star":
+        # Not one of ATTRIBUTES["shape"]: the DreamBooth subject (trainers/data/subject.py), a
+        # five-pointed star pointing up; 10 vertices alternate the outer radius and 0.45 of it.
+        outer = r * 1.3
+        points = []
+        for k in range(10):
+            o, rad = -np.pi / 2 + k * np.pi / 5, outer if k % 2 == 0 else 0.45 * outer
+            points.append((cx + rad * np.cos(o + angle), cy + rad * np.sin(o + angle)))
+        return points
     else:
         raise ValueError(shape)
     return [(cx + r * np.cos(o + angle), cy + r * np.sin(o + angle)) for o in offsets]

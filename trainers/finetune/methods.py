@@ -61,7 +61,10 @@ class FinetuneMethod:
         if len(keep) < len(data.captions):
             idx = torch.tensor(keep)
             data = TrainData(
-                data.x[idx], [data.captions[i] for i in keep], data.latent, data.vocabulary,
+                data.x[idx],
+                [data.captions[i] for i in keep],
+                data.latent,
+                data.vocabulary,
                 data.vae,
             )
         return data
