@@ -305,6 +305,43 @@ def test_each_method_end_to_end_as_a_process(
     assert torch.equal(to_uint8(img)[0].permute(1, 2, 0), saved)
     if method == "dreambooth":
         assert "sks" in final[0]["prompt"]  # the sample grid shows the subject
+        # The fine-tuned export (merged LoRA, the text encoder that knows the token) opens with
+        # plain diffusers and draws what the harness draws.
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(str(run.final), trust_remote_code=True)
+        out = pipe([m["prompt"]], seeds=[m["seed"]], num_inference_steps=2, output_type="pt")
+        torch.testing.assert_close(out.images, (img + 1) / 2, atol=1e-5, rtol=0)
+
+
+def test_a_stopped_fine_tune_resumes_to_the_end(base: Path, tmp_path: Path) -> None:
+    """SIGTERM's path (the flow trainer's Session): checkpoint, status stopped; the same command
+    again resumes and finishes."""
+    from trainers.train import Session
+
+    cfg = parse_finetune_config(ft_cfg(base, "sft"))
+    run = RunDir(tmp_path / "run")
+    run.create()
+
+    def stopping(c: Any, r: RunDir, d: Dist) -> FinetuneTrainer:
+        trainer = FinetuneTrainer(c, r, d)
+        real_step = trainer.train_step
+
+        def step() -> tuple[float, float]:
+            out = real_step()
+            trainer.stop_requested = trainer.step == 2  # as the signal handler would
+            return out
+
+        trainer.train_step = step  # type: ignore[method-assign]
+        return trainer
+
+    assert Session(cfg, run, Dist(), stopping).run_to_end() == 0
+    assert run.read_status()["status"] == "stopped" and run.read_status()["step"] == 2
+    assert Session(cfg, run, Dist(), FinetuneTrainer).run_to_end() == 0
+    status = run.read_status()
+    assert status["status"] == "ok" and status["step"] == 4
+    steps = [r["step"] for r in run.read_metrics() if r["name"] == "train/loss"]
+    assert steps == [2, 4]  # no duplicated rows after the resume
 
 
 def test_registry_lists_every_subject_metric() -> None:
