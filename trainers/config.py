@@ -194,8 +194,14 @@ class FlowConfig(Strict):
 
     def hash(self) -> str:
         """Stable hash of the resolved config (key order independent)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return config_hash(self.to_dict())
+
+
+def config_hash(data: dict[str, Any]) -> str:
+    """16 hex digits of sha256 over ``data`` as canonical JSON (sorted keys): every trainer
+    config's identity (its run directory refuses another)."""
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 class ConfigError(ValueError):

@@ -127,6 +127,20 @@ class PostTrainer(FlowTrainer):
 
     pcfg: Any
     init: InitModel
+    _window: dict[str, list[float]]
+
+    def window(self, name: str, value: float) -> None:
+        """Add ``value`` to the metric ``name``, logged averaged at the next log line."""
+        if not hasattr(self, "_window"):
+            self._window = {}
+        self._window.setdefault(name, []).append(value)
+
+    def extra_metrics(self) -> dict[str, float]:
+        """The :meth:`window` metrics, averaged over the steps since the last log line."""
+        window = getattr(self, "_window", {})
+        out = {k: sum(v) / len(v) for k, v in window.items() if v}
+        window.clear()
+        return out
 
     def load_init(self) -> ExportedModel:
         """The starting export on this trainer's device (denoiser in train mode, gradients

@@ -8,8 +8,6 @@ teacher run's ``config.json`` (``data`` may be given when the teacher is a bare 
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -21,6 +19,7 @@ from trainers.config import (
     SampleConfig,
     Strict,
     TrainConfig,
+    config_hash,
     load_config,
     parse_config,
 )
@@ -144,8 +143,7 @@ class DistillConfig(Strict):
         return data
 
     def hash(self) -> str:
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return config_hash(self.to_dict())
 
 
 def parse_distill_config(data: dict[str, Any], source: str = "<dict>") -> DistillConfig:

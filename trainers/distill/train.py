@@ -83,7 +83,6 @@ class DistillTrainer(PostTrainer):
         self.method = build_method(self.ctx)
         if dist_.main:
             self.method.prepare(run.root / "distill")
-        self._window: dict[str, list[float]] = {}
 
     def state(self) -> dict[str, Any]:
         return super().state() | {"method": self.method.extra_state()}
@@ -108,16 +107,10 @@ class DistillTrainer(PostTrainer):
         if not math.isfinite(value) or not all(math.isfinite(v) for v in metrics.values()):
             raise NonFiniteLoss(f"non-finite loss ({value}, {metrics}) at step {self.step + 1}")
         for k, v in metrics.items():
-            self._window.setdefault(k, []).append(v)
+            self.window(k, v)
         grad_norm = self.optimizer_step(loss)
         self.method.after_student_step(self.step)
         return value, grad_norm
-
-    def extra_metrics(self) -> dict[str, float]:
-        """The method's own metrics, averaged over the steps since the last log line."""
-        out = {k: sum(v) / len(v) for k, v in self._window.items() if v}
-        self._window.clear()
-        return out
 
     def _generator_fn(self, net: FlowNet, solver: str, steps: int, guidance: float):
         sampler = self.method.sampler

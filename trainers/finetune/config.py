@@ -8,8 +8,6 @@ and shift are the starting model's (``init``), read from its run's ``config.json
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -21,6 +19,7 @@ from trainers.config import (
     SampleConfig,
     Strict,
     TrainConfig,
+    config_hash,
     load_config,
     parse_config,
 )
@@ -126,8 +125,7 @@ class FinetuneConfig(Strict):
         return data
 
     def hash(self) -> str:
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return config_hash(self.to_dict())
 
 
 def parse_finetune_config(data: dict[str, Any], source: str = "<dict>") -> FinetuneConfig:

@@ -96,7 +96,6 @@ class FinetuneTrainer(PostTrainer):
             data=cfg.data,
             cfg_dropout=dropout,
         )
-        self._window: dict[str, list[float]] = {}
         super().__init__(view, run, dist_)
         self.method.prepare(self)
         prior_x = getattr(self.method, "prior_x", None)
@@ -145,15 +144,6 @@ class FinetuneTrainer(PostTrainer):
         value = float(loss.detach())
         if value != value or value in (float("inf"), float("-inf")):
             raise NonFiniteLoss(f"non-finite loss ({value}) at step {self.step + 1}")
-
-    def window(self, name: str, value: float) -> None:
-        """Add ``value`` to the metric ``name`` averaged until the next log line."""
-        self._window.setdefault(name, []).append(value)
-
-    def extra_metrics(self) -> dict[str, float]:
-        out = {k: sum(v) / len(v) for k, v in self._window.items() if v}
-        self._window.clear()
-        return out
 
     # -- evaluation -----------------------------------------------------------------------
     def fit(self) -> None:
