@@ -9,8 +9,9 @@ final/
   transformer/          the backbone (EMA weights), ``save_pretrained``
   text_encoder/         vocab: the encoder (``save_pretrained``) and vocab_text_encoder.py
                         (the same file again: diffusers loads a custom component's class from
-                        its folder); frozen (minilm / clip / t5): the transformers model
-                        (``save_pretrained``) and text_encoder.json, the record of the original
+                        its folder); frozen (minilm / clip / t5): the transformers model's
+                        own files (config.json and weights, hard-linked where the file system
+                        allows) and text_encoder.json, the record of the original
   tokenizer/            frozen encoders only: the tokenizer, ``save_pretrained``
   scheduler/            ``FlowMatchEulerDiscreteScheduler(shift=<training shift>)``
   vae/                  latent-space models only: the ``AutoencoderKL``, ``save_pretrained``

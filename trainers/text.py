@@ -715,9 +715,10 @@ def save_text_encoder(
     ``vocab``: ``save_pretrained`` (config.json + safetensors weights). Frozen encoders:
     ``text_encoder.json`` (kind, path, max_length, sha256 of the weight and tokenizer files), so
     an exported model records exactly which encoder it was trained with. By default the weights
-    are only referenced, not copied. With ``copy_weights`` the transformers model is also saved
-    into ``directory`` and its tokenizer into ``tokenizer_directory`` (default: ``directory``),
-    both with transformers' ``save_pretrained``; the record then also holds the sha256 of the
+    are only referenced, not copied. With ``copy_weights`` the transformers model's own files
+    (config.json and weights, unchanged: hard-linked where the file system allows, else copied)
+    go into ``directory`` and its tokenizer into ``tokenizer_directory`` (default:
+    ``directory``, with transformers' ``save_pretrained``); the record then also holds the sha256 of the
     copies (its ``copy`` entry), and :func:`load_text_encoder` loads the copy, so the export no
     longer needs the original files. ``trainers.export.save_export`` copies them into
     ``text_encoder/`` and ``tokenizer/``, the layout of a diffusers pipeline.
