@@ -718,9 +718,9 @@ def save_text_encoder(
     are only referenced, not copied. With ``copy_weights`` the transformers model's own files
     (config.json and weights, unchanged: hard-linked where the file system allows, else copied)
     go into ``directory`` and its tokenizer into ``tokenizer_directory`` (default:
-    ``directory``, with transformers' ``save_pretrained``); the record then also holds the sha256 of the
-    copies (its ``copy`` entry), and :func:`load_text_encoder` loads the copy, so the export no
-    longer needs the original files. ``trainers.export.save_export`` copies them into
+    ``directory``, with transformers' ``save_pretrained``); the record then also holds the
+    sha256 of the copies (its ``copy`` entry), and :func:`load_text_encoder` loads the copy, so
+    the export no longer needs the original files. ``trainers.export.save_export`` puts them in
     ``text_encoder/`` and ``tokenizer/``, the layout of a diffusers pipeline.
     """
     directory = Path(directory)
