@@ -262,9 +262,21 @@ def run_finetune(cfg: dict[str, Any], run_dir: Path) -> subprocess.CompletedProc
     )
 
 
-@pytest.mark.parametrize(
-    "method,lora", [("ct", 0), ("sft", 4), ("dreambooth", 4)], ids=["ct-full", "sft-lora", "db"]
-)
+def test_ct_with_rank_0_trains_every_backbone_weight_on_all_the_data(
+    base: Path, tmp_path: Path
+) -> None:
+    tr = make(base, tmp_path / "run", "ct", lora={"rank": 0})
+    assert len(tr.data.captions) == 256  # the starting run's data, whole
+    names = [n for n, _ in tr.net.denoiser.named_parameters()]
+    assert tr.trainable_names == [f"denoiser.{n}" for n in names]  # every backbone weight
+    assert not any("lora" in n for n in names)
+    before = weights(tr.net.denoiser)
+    tr.train_step()
+    assert weights(tr.net.denoiser) != before
+    assert tr.export_denoiser(tr.ema_model()) is tr.ema_model().denoiser  # nothing to merge
+
+
+@pytest.mark.parametrize("method,lora", [("sft", 4), ("dreambooth", 4)], ids=["sft-lora", "db"])
 def test_each_method_end_to_end_as_a_process(
     base: Path, tmp_path: Path, method: str, lora: int
 ) -> None:
