@@ -14,9 +14,9 @@ backbone weight (``lora.rank: 0``); the text encoder stays frozen.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -24,6 +24,7 @@ from torch import Tensor
 
 from trainers.config import ConfigError, FlowConfig
 from trainers.errors import DataError
+from trainers.files import atomic_write_bytes
 from trainers.finetune.config import FinetuneConfig
 from trainers.flow import FlowGenerators, flow_matching_loss
 from trainers.train import TrainData, load_data, purpose_generator, step_generators
@@ -347,11 +348,10 @@ def class_images(trainer: FinetuneTrainer, cfg: FinetuneConfig) -> tuple[Tensor,
     uncond = net.encode([""])
     out = []
     shape = trainer.data.sample_shape
+    net.denoiser.eval()
     for a in range(0, len(captions), 64):
         rows = captions[a : a + 64]
-        seeds = list(range(a, a + len(rows)))
-        noise = initial_noise(seeds, shape).to(trainer.device)
-        net.denoiser.eval()
+        noise = initial_noise(range(a, a + len(rows)), shape).to(trainer.device)
         out.append(
             sample(
                 net.denoiser,
@@ -363,12 +363,12 @@ def class_images(trainer: FinetuneTrainer, cfg: FinetuneConfig) -> tuple[Tensor,
                 guidance=p.guidance,
             ).cpu()
         )
-        net.denoiser.train()
+    net.denoiser.train()
     x = torch.cat(out)
     if not trainer.data.latent:
         x = x.clamp(-1.0, 1.0)
+    buf = io.BytesIO()
+    torch.save({"key": repr(sorted(key.items())), "x": x, "captions": captions}, buf)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    torch.save({"key": repr(sorted(key.items())), "x": x, "captions": captions}, tmp)
-    Path(tmp).replace(cache)
+    atomic_write_bytes(cache, buf.getvalue())
     return x, captions

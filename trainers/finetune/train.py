@@ -18,6 +18,7 @@ SIGTERM, EMA, evaluation, samples and export, starting from a finished model (``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,8 +54,7 @@ def with_words(encoder: Any, words: Sequence[str], seed: int) -> Any:
     if not isinstance(encoder, VocabTextEncoder):
         return encoder
     known = set(encoder.config.vocabulary)
-    new = [w for w in dict.fromkeys(w for entry in words for w in split_words(entry))]
-    new = [w for w in new if w not in known]
+    new = [w for w in dict.fromkeys(w for e in words for w in split_words(e)) if w not in known]
     if not new:
         return encoder
     c = encoder.config
@@ -142,7 +142,7 @@ class FinetuneTrainer(PostTrainer):
 
     def check_finite(self, loss: torch.Tensor) -> None:
         value = float(loss.detach())
-        if value != value or value in (float("inf"), float("-inf")):
+        if not math.isfinite(value):
             raise NonFiniteLoss(f"non-finite loss ({value}) at step {self.step + 1}")
 
     # -- evaluation -----------------------------------------------------------------------
