@@ -128,6 +128,39 @@ class PostTrainer(FlowTrainer):
     pcfg: Any
     init: InitModel
     _window: dict[str, list[float]]
+    drift_metrics: tuple[str, ...] = ("domain_fid", "attr_acc_mean", "attr_all_correct")
+    """Evaluation metrics whose change from the starting model (step 0) is logged as
+    ``prior_drift/<name>`` at every later evaluation."""
+
+    def evaluate_start(self) -> bool:
+        """Whether :meth:`fit` evaluates the starting model before the first step (the "before"
+        of every drift and gain); off unless a subclass says."""
+        return False
+
+    def fit(self) -> None:
+        if self.step == 0 and self.evaluate_start() and not self.step0_values():
+            self.evaluate()
+        super().fit()
+
+    def step0_values(self) -> dict[str, float]:
+        """The metrics logged at step 0 (the starting model's evaluation)."""
+        return {
+            r["name"]: r["value"]
+            for r in self.run.read_metrics()
+            if r["step"] == 0 and r["value"] is not None
+        }
+
+    def drift(self, values: dict[str, float]) -> dict[str, float]:
+        """``prior_drift/<name>``: each of :attr:`drift_metrics` in ``values`` minus its value at
+        step 0 (nothing at step 0 itself)."""
+        if self.step == 0:
+            return {}
+        before = self.step0_values()
+        return {
+            f"prior_drift/{k}": values[k] - before[k]
+            for k in self.drift_metrics
+            if k in values and k in before
+        }
 
     def window(self, name: str, value: float) -> None:
         """Add ``value`` to the metric ``name``, logged averaged at the next log line."""

@@ -14,12 +14,14 @@ from pydantic import BaseModel
 from trainers.config import FlowConfig
 from trainers.distill.config import DistillConfig
 from trainers.finetune.config import FinetuneConfig
+from trainers.preference.config import REWARD_NAMES, PreferenceConfig
 
 __all__ = [
     "DISTILL_METRICS",
     "FINETUNE_METRICS",
     "FLOW_METRICS",
     "KNOWN_METRICS",
+    "PREFERENCE_METRICS",
     "SHAPES_ONLY_METRICS",
     "TRAINERS",
     "Trainer",
@@ -73,6 +75,8 @@ DISTILL_METRICS: frozenset[str] = frozenset(
 """The distillation trainer's metrics (trainers/distill/train.py; each method also logs its own
 ``train/<term>`` values, not objectives)."""
 
+_DRIFT = tuple(f"prior_drift/{m}" for m in ("domain_fid", "attr_acc_mean", "attr_all_correct"))
+"""The post-training trainers' drift of the domain metrics from step 0 (trainers/post.py)."""
 _SUBJECT_ATTRIBUTES = tuple(a for a in _SHAPES_ATTRIBUTE_NAMES if a != "shape")
 FINETUNE_METRICS: frozenset[str] = frozenset(
     [
@@ -81,18 +85,37 @@ FINETUNE_METRICS: frozenset[str] = frozenset(
         *("subject/fidelity", "subject/fidelity_floor", "subject/fidelity_ceiling"),
         *("subject/prompt_fidelity", "subject/prompt_fidelity_ceiling"),
         *(f"subject/prompt_fidelity/{a}" for a in _SUBJECT_ATTRIBUTES),
-        *(f"prior_drift/{m}" for m in ("domain_fid", "attr_acc_mean", "attr_all_correct")),
+        *_DRIFT,
     ]
 )
 """The fine-tuning trainer's metrics (trainers/finetune/train.py): the flow trainer's, the
 DreamBooth losses and subject metrics (trainers/subject_eval.py) and the prior's drift from
 step 0."""
 
+PREFERENCE_METRICS: frozenset[str] = frozenset(
+    [
+        *FLOW_METRICS,
+        *_DRIFT,
+        *(f"reward/{name}/{split}" for name in REWARD_NAMES for split in ("train", "heldout")),
+        *("train/reward", "train/reward_std", "train/flow_loss", "train/refl_stop_t"),
+        *("train/kl_mean", "train/clip_frac", "train/ratio_mean"),
+        *("train/dpo_implicit_acc", "train/dpo_margin", "train/dpo_pairs", "train/pair_margin"),
+        *(f"pairs/{k}" for k in ("read", "used", "rater_kind", "gold", "contestant", "tie")),
+        *(f"pairs/{k}" for k in ("both_bad", "missing_image", "resolution")),
+    ]
+)
+"""The preference trainer's metrics (trainers/preference/): the flow trainer's, each reward on
+training and held-out prompts (``reward/<name>/<split>``), the domain metrics' drift from the
+starting model, the methods' training values and DPO's arena pair counts."""
+
 TRAINERS: dict[str, Trainer] = {
     "flow": Trainer(config=FlowConfig, module="trainers.flow", metrics=FLOW_METRICS),
     "distill": Trainer(config=DistillConfig, module="trainers.distill", metrics=DISTILL_METRICS),
     "finetune": Trainer(
         config=FinetuneConfig, module="trainers.finetune", metrics=FINETUNE_METRICS
+    ),
+    "preference": Trainer(
+        config=PreferenceConfig, module="trainers.preference", metrics=PREFERENCE_METRICS
     ),
 }
 KNOWN_METRICS: frozenset[str] = frozenset().union(*(t.metrics for t in TRAINERS.values()))

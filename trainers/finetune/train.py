@@ -40,9 +40,6 @@ from trainers.train import (
     main,
 )
 
-DRIFT_METRICS: tuple[str, ...] = ("domain_fid", "attr_acc_mean", "attr_all_correct")
-"""Domain metrics whose change from step 0 is logged as ``prior_drift/<name>``."""
-
 
 def with_words(encoder: Any, words: Sequence[str], seed: int) -> Any:
     """A trained-vocabulary text encoder (``VocabTextEncoder``) that also knows ``words``: the
@@ -146,17 +143,8 @@ class FinetuneTrainer(PostTrainer):
             raise NonFiniteLoss(f"non-finite loss ({value}) at step {self.step + 1}")
 
     # -- evaluation -----------------------------------------------------------------------
-    def fit(self) -> None:
-        if self.step == 0 and self.cfg.data.kind == "shapes" and not self._step0_values():
-            self.evaluate()  # the starting model: the "before" of every drift
-        super().fit()
-
-    def _step0_values(self) -> dict[str, float]:
-        return {
-            r["name"]: r["value"]
-            for r in self.run.read_metrics()
-            if r["step"] == 0 and r["value"] is not None
-        }
+    def evaluate_start(self) -> bool:
+        return self.cfg.data.kind == "shapes"  # the domain metrics whose drift is the prior's
 
     def evaluate(self) -> dict[str, float]:
         values = super().evaluate()
@@ -166,13 +154,7 @@ class FinetuneTrainer(PostTrainer):
         extra = self.method.evaluate(
             self, self._generator_fn(self.ema_model(), e.solver, e.steps, e.guidance)
         )
-        if self.step > 0:
-            before = self._step0_values()
-            extra |= {
-                f"prior_drift/{k}": values[k] - before[k]
-                for k in DRIFT_METRICS
-                if k in values and k in before
-            }
+        extra |= self.drift(values)
         if extra:
             self.run.log_metrics(self.step, extra)
         return values | extra

@@ -1,0 +1,1 @@
+"""Preference tuning: ReFL, Flow-GRPO and Diffusion-DPO on a finished model."""

@@ -1,0 +1,3 @@
+from trainers.preference.train import run
+
+raise SystemExit(run())
