@@ -39,12 +39,10 @@ the judge contract asks for.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -54,7 +52,13 @@ from PIL import Image
 
 from evaluators.judging import Outcome, PairItem, Verdict
 from evaluators.sinks import JudgmentCache, JudgmentRow
-from trainers.data.shapes import ATTRIBUTE_NAMES, ATTRIBUTES, ShapeAttrs, to_model_range
+from trainers.data.shapes import (
+    ATTRIBUTE_NAMES,
+    ATTRIBUTES,
+    ShapeAttrs,
+    parse_caption,
+    to_model_range,
+)
 
 if TYPE_CHECKING:
     from trainers.domain import AttributeNet
@@ -64,24 +68,6 @@ RULE_VERSION = "1"
 
 DEFAULT_MIN_MATCHED = 3
 DEFAULT_MARGIN = 0.02
-
-
-@cache
-def _caption_table() -> dict[str, ShapeAttrs]:
-    """Every caption the embedded data can produce -> its attributes (4*6*2*5*3 = 720)."""
-    table = {}
-    for values in itertools.product(*ATTRIBUTES.values()):
-        attrs = ShapeAttrs(**dict(zip(ATTRIBUTE_NAMES, values, strict=True)))
-        table[attrs.caption] = attrs
-    return table
-
-
-def parse_caption(prompt: str) -> ShapeAttrs | None:
-    """The attributes a shapes caption asks for, or None if ``prompt`` is not one.
-
-    Exact lookup (surrounding whitespace and case ignored): the captions are generated from a
-    template, so anything else is not a prompt the attribute network can check."""
-    return _caption_table().get(" ".join(prompt.lower().split()))
 
 
 @dataclass(frozen=True)

@@ -407,6 +407,52 @@ def arena_render(
         typer.echo(f"not rendered (no run): {', '.join(summary.not_renderable)}")
 
 
+@arena_app.command("pairs")
+def arena_pairs_cmd(
+    out: Annotated[Path, typer.Option("--out", help="the pairs file to write (.pt)")],
+    rater_kind: Annotated[
+        list[str] | None,
+        typer.Option("--rater-kind", help="human, judge or domain (repeat; default: all)"),
+    ] = None,
+    contestant: Annotated[
+        list[str] | None,
+        typer.Option("--contestant", help="only votes between these (repeat; default: all)"),
+    ] = None,
+    resolution: Annotated[
+        int | None, typer.Option("--resolution", min=1, help="image size to keep (square)")
+    ] = None,
+    workdir: WorkdirOpt = DEFAULT_WORKDIR,
+) -> None:
+    """Write the arena's votes as preference pairs for Diffusion-DPO.
+
+    Each vote that names a winner is a pair (the winner's and the loser's rendered image and the
+    prompt); ties, both-bad, attention checks and votes without an image file are left out and
+    counted. Train on the file with a preference config `{"method": "dpo", "dpo": {"pairs":
+    "arena", "pairs_file": FILE}}`. Example:
+
+        uv run harness arena pairs --out work/pairs.pt --rater-kind human --workdir work
+    """
+    from harness.preference_pairs import DEFAULT_RATER_KINDS, arena_pairs
+    from trainers.preference.pairs import SKIP_REASONS, PairsError
+
+    store = _open_store(workdir, create=False)
+    with _store_errors():
+        try:
+            pairs = arena_pairs(
+                store.path,
+                rater_kinds=rater_kind or DEFAULT_RATER_KINDS,
+                contestants=contestant,
+                resolution=resolution,
+            )
+        except PairsError as err:
+            typer.echo(str(err), err=True)
+            raise typer.Exit(EXIT_INVALID) from None
+        pairs.save(out)
+    c = pairs.counts
+    left_out = ", ".join(f"{c[r]} {r}" for r in SKIP_REASONS if c.get(r)) or "none"
+    typer.echo(f"{c['used']} pairs of {c['read']} votes written to {out} (left out: {left_out})")
+
+
 @arena_app.command("agreement")
 def arena_agreement(
     workdir: WorkdirOpt = DEFAULT_WORKDIR,

@@ -77,17 +77,15 @@ def weights(module: torch.nn.Module) -> str:
 
 
 def test_method_registry_names_the_config_values() -> None:
-    from trainers.preference.config import NON_DIFFERENTIABLE
-    from trainers.preference.rewards import REWARDS
+    from trainers.preference.config import NON_DIFFERENTIABLE, REWARD_NAMES
+    from trainers.preference.rewards import reward_class
 
     assert set(METHODS) == set(get_args(Method))
-    assert {n for n, r in REWARDS.items() if not getattr(r, "differentiable", True)} == set(
-        NON_DIFFERENTIABLE
-    )
+    assert {n for n in REWARD_NAMES if not reward_class(n).differentiable} == NON_DIFFERENTIABLE
 
 
 def test_configuration_errors_name_the_fix(base: Path, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"dpo\.store"):
+    with pytest.raises(ConfigError, match=r"dpo\.pairs_file"):
         parse_preference_config(pref_cfg(base, "dpo", dpo={"pairs": "arena"}))
     with pytest.raises(ConfigError, match="second_reward must differ"):
         parse_preference_config(pref_cfg(base, second_reward={"name": "attribute"}))

@@ -12,7 +12,9 @@ evaluator's cached attribute network is keyed by it.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from dataclasses import dataclass
+from functools import cache
 from typing import Literal
 
 import numpy as np
@@ -207,3 +209,21 @@ def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """float [-1, 1] -> uint8 [0, 255] (clamped)."""
     return images.add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+@cache
+def _caption_table() -> dict[str, ShapeAttrs]:
+    """Every caption the embedded data can produce -> its attributes (4*6*2*5*3 = 720)."""
+    table = {}
+    for values in itertools.product(*ATTRIBUTES.values()):
+        attrs = ShapeAttrs(**dict(zip(ATTRIBUTE_NAMES, values, strict=True)))
+        table[attrs.caption] = attrs
+    return table
+
+
+def parse_caption(prompt: str) -> ShapeAttrs | None:
+    """The attributes a shapes caption asks for, or None if ``prompt`` is not one.
+
+    Exact lookup (surrounding whitespace and case ignored): the captions are generated from a
+    template, so anything else is not a prompt the attribute network can check."""
+    return _caption_table().get(" ".join(prompt.lower().split()))

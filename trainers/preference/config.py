@@ -123,27 +123,23 @@ class DpoSettings(Strict):
 
     beta: float = Field(500.0, gt=0.0)
     pairs: Literal["arena", "online"] = "arena"
-    """``arena``: the stored comparisons of ``store`` (human, judge or domain verdicts; ties
-    and both-bad left out and counted); ``online``: every step, G samples per prompt from the
-    current model scored by ``reward``, the best against the worst."""
-    store: str | None = None
-    """The arena's DuckDB store (``WORKDIR/harness.duckdb``); required for ``pairs: arena``."""
-    rater_kinds: list[Literal["human", "judge", "domain"]] = Field(
-        default_factory=lambda: ["human", "judge", "domain"]
-    )
-    contestants: list[str] | None = None
-    """Only votes between these contestants; null: every vote."""
+    """``arena``: the pairs file ``pairs_file``, written from the arena's votes by ``harness
+    arena pairs`` (human, judge or domain verdicts; ties and both-bad left out and counted);
+    ``online``: every step, G samples per prompt from the current model scored by ``reward``,
+    the best against the worst."""
+    pairs_file: str | None = None
+    """Required for ``pairs: arena``: ``harness arena pairs --out FILE``'s file."""
     group_size: int = Field(4, ge=2)
     """Online pairs: samples per prompt."""
     prompts_per_step: int = Field(4, ge=1)
     """Online pairs: prompts per step (one pair each, unless its samples tie)."""
 
     @model_validator(mode="after")
-    def _store_for_arena(self) -> DpoSettings:
-        if self.pairs == "arena" and not self.store:
+    def _file_for_arena(self) -> DpoSettings:
+        if self.pairs == "arena" and not self.pairs_file:
             raise ValueError(
-                "dpo.pairs arena reads the arena's votes: give dpo.store (the work directory's "
-                "harness.duckdb), or use dpo.pairs: online"
+                "dpo.pairs arena trains on the arena's votes: write them with `harness arena "
+                "pairs --out FILE` and give dpo.pairs_file, or use dpo.pairs: online"
             )
         return self
 

@@ -10,8 +10,8 @@
   group-normalised advantages of the reward; the clipped ratio objective over every transition
   with a KL penalty to the starting model's transition.
 - ``dpo`` (Diffusion-DPO: Wallace et al. 2024, flow-matching form; ``dpo.py``): pairs from the
-  arena's stored votes (``pairs.py``: read once, cached in the run directory, so a resume
-  trains on the same pairs whatever was voted since) or online, the best and worst of G samples
+  arena's votes (the file ``harness arena pairs`` writes; read once and cached in the run
+  directory, so a resume trains on the same pairs) or online, the best and worst of G samples
   of the current model scored by the reward.
 
 Every random draw of step k comes from :func:`trainers.train.purpose_generator` streams seeded by
@@ -22,6 +22,7 @@ GRPO rollout reused over ``updates_per_rollout`` steps is part of the checkpoint
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -39,7 +40,7 @@ from trainers.preference.grpo import (
     sde_step,
     step_log_prob,
 )
-from trainers.preference.pairs import PreferencePairs, arena_pairs, online_pairs
+from trainers.preference.pairs import PairsError, PreferencePairs, online_pairs
 from trainers.sampling import guided_velocity, initial_noise
 from trainers.timesteps import sample_timesteps, sampling_schedule
 from trainers.train import BatchOrder, purpose_generator, step_generators
@@ -281,13 +282,15 @@ class Dpo(PreferenceMethod):
         if cache.is_file():  # read once: a resumed run trains on the pairs it started with
             self.pairs = PreferencePairs.load(cache)
         else:
-            d = self.cfg.dpo
-            self.pairs = arena_pairs(
-                d.store,  # type: ignore[arg-type]  (required for arena pairs by the config)
-                rater_kinds=d.rater_kinds,
-                contestants=d.contestants,
-                resolution=trainer.cfg.data.resolution,
-            )
+            self.pairs = PreferencePairs.load(Path(self.cfg.dpo.pairs_file or ""))
+            want = (3, trainer.cfg.data.resolution, trainer.cfg.data.resolution)
+            if tuple(self.pairs.winners.shape[1:]) != want:
+                raise PairsError(
+                    f"{self.cfg.dpo.pairs_file} holds {tuple(self.pairs.winners.shape[1:])} "
+                    f"images but the model makes {want}; export the pairs of contestants "
+                    f"rendered at this resolution (`harness arena pairs --resolution "
+                    f"{want[1]}`)"
+                )
             cache.parent.mkdir(parents=True, exist_ok=True)
             self.pairs.save(cache)
             trainer.run.log_metrics(
