@@ -39,8 +39,9 @@ from trainers.rundir import RunDir
 
 # Reported beside the objective. eval/flow_loss rather than train/loss: the training loss is
 # weighted by the trial's own timestep sampler, so it is not comparable across samplers.
-# A fine-tune's subject metrics and the prior's drift (trainers/finetune) are shown when its
-# trials wrote them.
+# A fine-tune's subject metrics and the prior's drift (trainers/finetune), and a preference
+# run's rewards on training and held-out prompts (trainers/preference: the trained reward beside
+# the second one shows reward hacking) are shown when its trials wrote them.
 SECONDARY = (
     "attr_acc_mean",
     "heldout_attr_acc_mean",
@@ -50,6 +51,9 @@ SECONDARY = (
     "subject/prompt_fidelity",
     "prior_drift/domain_fid",
     "prior_drift/attr_acc_mean",
+    "reward/attribute/train",
+    "reward/attribute/heldout",
+    "reward/realism/heldout",
 )
 
 _LOWER_IS_BETTER = ("domain_fid", "eval/flow_loss", "train/loss")
