@@ -472,7 +472,12 @@ def _empty_counts(names: Sequence[str]) -> Any:
 
 
 def plan_pairs(
-    store: Store, rater_id: str, pairs: int, *, seed: int | None = None
+    store: Store,
+    rater_id: str,
+    pairs: int,
+    *,
+    seed: int | None = None,
+    contestants: Sequence[str] | None = None,
 ) -> tuple[list[PairItem], list[tuple[str, str, str]]]:
     """The items of one judging round, and the sampled pairs left out: ``(a, b, why)``.
 
@@ -481,7 +486,8 @@ def plan_pairs(
     of the same state gives the same plan). For each pair, an item both rendered: one this
     rater never judged for the pair if any, else one judged only in the other order (shown in
     that other order), else any; never the same item twice in a round (a pair sampled more
-    often than it has items is left out the extra times). Sides are random.
+    often than it has items is left out the extra times). Sides are random. ``contestants``:
+    only pairs among these (e.g. a tuned model and its base); default every rendered one.
     """
     from evaluators.judging import PairItem
     from evaluators.ratings import aggregate, next_pairs
@@ -490,6 +496,14 @@ def plan_pairs(
         raise ArenaError(f"--pairs must be >= 1, got {pairs}")
     index = _render_index(store)
     names = sorted(c for c, items in index.items() if items)
+    if contestants is not None:
+        for cid in contestants:
+            if cid not in names:
+                raise ArenaError(
+                    f"contestant {cid!r}{did_you_mean(cid, names)} has no renders in "
+                    f"{store.path}; rendered: {', '.join(names) or 'none'}"
+                )
+        names = sorted(set(contestants))
     if len(names) < 2:
         raise ArenaError(
             f"no renders yet to judge in {store.path} ({len(names)} contestant(s) rendered, need "
@@ -555,6 +569,7 @@ def judge_round(
     pairs: int,
     *,
     seed: int | None = None,
+    contestants: Sequence[str] | None = None,
     batch_size: int = 8,
     progress: bool = True,
     console: Console | None = None,
@@ -562,8 +577,9 @@ def judge_round(
     """Plan ``pairs`` items (:func:`plan_pairs`), ask ``judge`` in batches, store each batch's
     verdicts that have an outcome as comparisons (``rater_id``/``rater_kind`` from the judge,
     the render paths as images, the verdict detail in ``extra.verdict``). Ctrl-C stops after
-    the current batch is lost and returns what was stored (``interrupted``)."""
-    items, skipped = plan_pairs(store, judge.rater_id, pairs, seed=seed)
+    the current batch is lost and returns what was stored (``interrupted``). ``contestants``:
+    only pairs among these."""
+    items, skipped = plan_pairs(store, judge.rater_id, pairs, seed=seed, contestants=contestants)
     store.add_rater(judge.rater_id, judge.kind, name=getattr(judge, "name", None))
     summary = JudgeSummary(judge.rater_id, skipped=skipped)
     try:

@@ -504,12 +504,17 @@ def judge_cmd(
             "--concurrency", min=1, help="requests in flight at once (openai judge; default 4)"
         ),
     ] = None,
+    contestant: Annotated[
+        list[str] | None,
+        typer.Option("--contestant", help="only pairs among these (repeat; default: all)"),
+    ] = None,
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
 ) -> None:
     """Judge rendered pairs and store the verdicts as comparisons.
 
     Pairs come from the rating engine's sampler (the most informative next), items from the
-    renders both contestants have, sides at random. Ctrl-C keeps what was stored. Example:
+    renders both contestants have, sides at random; --contestant (twice or more) keeps to pairs
+    among those, e.g. a tuned model against its base. Ctrl-C keeps what was stored. Example:
 
         uv run harness judge --judge domain --pairs 50 --workdir work
     """
@@ -521,7 +526,7 @@ def judge_cmd(
     store = _open_store(workdir, create=False)
     with _store_errors():
         judge_obj = build_judge(judge, store, **options)
-        summary = judge_round(store, judge_obj, pairs, seed=seed)
+        summary = judge_round(store, judge_obj, pairs, seed=seed, contestants=contestant)
     outcomes = ", ".join(f"{k} {v}" for k, v in sorted(summary.outcomes.items()))
     typer.echo(
         f"{summary.rater_id}: {summary.stored} comparisons stored ({outcomes or 'none'}), "

@@ -6,9 +6,8 @@ seeds; a human rater votes through the rating app's own path (``harness.voting``
 record) for the 8-step side, once tie and once both_bad, and the domain judge votes a round.
 The votes become a pairs file (``harness arena pairs``), Diffusion-DPO trains a LoRA on it for a
 few steps (in-process ``Session``), and the tuned run is registered, added at the base's 8-step
-setting, rendered on the same prompts and seeds and judged against the base (the judge's pair
-sampler cannot be restricted to two contestants; it picks the least measured pairs, which are
-the tuned model's).
+setting, rendered on the same prompts and seeds and judged against the base alone
+(``judge_round(contestants=...)``, what ``harness judge --contestant`` runs).
 
 What is checked is the plumbing (every vote counted where it belongs, the pairs cached, the
 tuned model rated from paired comparisons), not that four DPO steps improve anything.
@@ -129,8 +128,10 @@ def test_arena_votes_train_dpo_and_the_tuned_model_returns_to_the_arena(
     assert tuned == "tuned@euler-8-cfg3"
     again = render_contestants(store, work, prompts, SEEDS, progress=False)
     assert (again.rendered, again.skipped) == (PROMPTS * len(SEEDS), 2 * PROMPTS * len(SEEDS))
-    # The judge's sampler picks the least measured pairs: the tuned model against each base.
-    assert judge_round(store, judge, 8, progress=False).stored == 8
+    # Judged against its base alone (--contestant): every new vote is tuned vs the 8-step base.
+    before = len(store.comparisons())
+    assert judge_round(store, judge, 8, contestants=[tuned, sharp], progress=False).stored == 8
+    assert len(store.comparisons()) == before + 8
     paths = {
         (r["contestant_id"], r["prompt"], r["seed"]): r["path"]
         for r in store.query("SELECT contestant_id, prompt, seed, path FROM renders")
@@ -138,7 +139,7 @@ def test_arena_votes_train_dpo_and_the_tuned_model_returns_to_the_arena(
     head_to_head = [
         v for v in store.comparisons() if {v["left_id"], v["right_id"]} == {tuned, sharp}
     ]
-    assert head_to_head
+    assert len(head_to_head) == 8
     for v in head_to_head:  # paired: both images are the renders of the vote's prompt and seed
         for side in ("left", "right"):
             assert v[f"{side}_image"] == paths[v[f"{side}_id"], v["prompt"], v["seed"]]
