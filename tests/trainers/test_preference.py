@@ -112,7 +112,26 @@ def _data(base: Path) -> Any:
     return load_config(base / "config.json").data
 
 
-@pytest.mark.parametrize("method", ["grpo", "dpo"])
+def test_refl_reward_on_a_hand_worked_case() -> None:
+    """Velocity v = c x (a one-parameter model). Euler steps without gradient from t = 1 to the
+    stop step, then x0 = x - t v = x (1 - t c) with gradient: for the reward mean(x0) the
+    gradient in c is -t mean(x) at the stop step, and nothing flows through the earlier steps."""
+    from trainers.preference.methods import refl_reward
+
+    c = torch.tensor(0.5, requires_grad=True)
+    noise = torch.tensor([[2.0], [4.0]])
+    ts = [1.0, 0.75, 0.5, 0.25, 0.0]
+    x_stop = noise.clone()
+    for dt in (-0.25, -0.25):  # stop = 2: two Euler steps without gradient, 1 -> 0.5
+        x_stop = x_stop + dt * 0.5 * x_stop
+    reward = refl_reward(lambda x, t: c * x, noise, ts, 2, lambda x0: x0.mean(1))
+    torch.testing.assert_close(reward, (x_stop * (1 - 0.5 * 0.5)).mean(1))
+    reward.mean().backward()
+    assert c.grad is not None
+    torch.testing.assert_close(c.grad, -0.5 * x_stop.mean())
+
+
+@pytest.mark.parametrize("method", ["refl", "grpo", "dpo"])
 def test_resume_equals_uninterrupted(base: Path, tmp_path: Path, method: str) -> None:
     """GRPO with a rollout reused over two updates (the checkpoint falls between them)."""
     kw: dict[str, Any] = {"grpo": {"updates_per_rollout": 2}} if method == "grpo" else {}

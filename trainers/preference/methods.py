@@ -48,7 +48,7 @@ from trainers.train import BatchOrder, purpose_generator, step_generators
 if TYPE_CHECKING:
     from trainers.preference.train import PreferenceTrainer
 
-__all__ = ["METHODS", "PreferenceMethod"]
+__all__ = ["METHODS", "PreferenceMethod", "refl_reward"]
 
 
 class PreferenceMethod:
@@ -102,6 +102,25 @@ def _velocity(denoiser: Any, text: Any, uncond: Any, guidance: float):
 # ReFL
 
 
+def refl_reward(
+    velocity: Any,
+    noise: Tensor,
+    ts: list[float],
+    stop: int,
+    reward: Any,
+) -> Tensor:
+    """ReFL's reward of one batch: Euler steps without gradient from ``noise`` (t = ``ts[0]``)
+    to ``ts[stop]``, then the velocity there with gradient and the clean-image estimate
+    ``x0 = x_t - t v`` scored by ``reward(x0) -> [B]``. Gradients reach the model through that
+    last velocity only (ImageReward's ReFL)."""
+    x = noise
+    with torch.no_grad():  # ReFL: no gradient through the early steps
+        for t, t_next in itertools.pairwise(ts[: stop + 1]):
+            x = x + (t_next - t) * velocity(x, t)
+    x0 = x - ts[stop] * velocity(x, ts[stop]).float()  # the clean-image estimate at the stop
+    return reward(x0)
+
+
 class Refl(PreferenceMethod):
     name = "refl"
 
@@ -123,14 +142,14 @@ class Refl(PreferenceMethod):
         denoiser = trainer.net.denoiser
         velocity = _velocity(denoiser, trainer.text(prompts), trainer.text([""]), guidance)
         ts = sampling_schedule(s.steps, trainer.shift).tolist()
-        x = noise.to(trainer.device)
-        with torch.no_grad():  # ReFL: no gradient through the early steps
-            for t, t_next in itertools.pairwise(ts[: stop + 1]):
-                x = x + (t_next - t) * velocity(x, t)
         with trainer.autocast():
-            v = velocity(x, ts[stop])
-        x0 = x - ts[stop] * v.float()  # the clean-image estimate at the stop step
-        reward = trainer.reward(trainer.decode(x0), prompts)
+            reward = refl_reward(
+                velocity,
+                noise.to(trainer.device),
+                ts,
+                stop,
+                lambda x0: trainer.reward(trainer.decode(x0), prompts),
+            )
         loss = -s.weight * reward.mean()
         flow_value = 0.0
         if s.flow_weight > 0:
