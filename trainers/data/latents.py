@@ -174,6 +174,11 @@ class VaeCodec(nn.Module):
     def decode(self, latents: Tensor) -> Tensor:
         """Normalised latents [B, C, h, w] -> float32 images [B, 3, h * d, w * d] in [-1, 1]
         (clamped), on the VAE's device."""
+        return self.decode_differentiable(latents)
+
+    def decode_differentiable(self, latents: Tensor) -> Tensor:
+        """:meth:`decode` with gradients to ``latents`` (the VAE's own weights stay as they are:
+        frozen unless the caller trains them), for a reward back-propagated to the latents."""
         z = latents.to(device=self.device, dtype=self.dtype)
         z = z / self.scaling_factor + self.shift_factor
         with torch.autocast(self.device.type, enabled=False):

@@ -172,8 +172,9 @@ class PreferenceTrainer(PostTrainer):
             return self.net.text_encoder(list(prompts))
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Model samples -> images in [-1, 1] scale (the VAE decodes latents; differentiable)."""
-        return self.data.vae.decode(x) if self.data.latent else x
+        """Model samples -> images in [-1, 1] scale; differentiable (the VAE decodes latents with
+        gradients, so that ReFL's reward reaches the model in latent space too)."""
+        return self.data.vae.decode_differentiable(x) if self.data.latent else x
 
     # -- evaluation -----------------------------------------------------------------------
     def evaluate_start(self) -> bool:
