@@ -138,9 +138,15 @@ class PostTrainer(FlowTrainer):
         return False
 
     def fit(self) -> None:
-        if self.step == 0 and self.evaluate_start() and not self.step0_values():
+        if self.step == 0 and self.evaluate_start() and not self.start_evaluated():
             self.evaluate()
         super().fit()
+
+    def start_evaluated(self) -> bool:
+        """Whether the starting model's evaluation is already logged (a resumed run): one of
+        :attr:`drift_metrics` at step 0. Other step-0 records (e.g. DPO's pair counts) do not
+        count."""
+        return bool(set(self.drift_metrics) & set(self.step0_values()))
 
     def step0_values(self) -> dict[str, float]:
         """The metrics logged at step 0 (the starting model's evaluation)."""

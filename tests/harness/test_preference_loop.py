@@ -119,6 +119,9 @@ def test_arena_votes_train_dpo_and_the_tuned_model_returns_to_the_arena(
     assert metrics["pairs/tie", 0] == outcomes["tie"]
     assert metrics["pairs/both_bad", 0] == outcomes["both_bad"]
     assert metrics["pairs/used", 0] == used
+    # The pair counts at step 0 do not stand in for the starting model's evaluation.
+    assert ("reward/attribute/heldout", 0) in metrics and ("domain_fid", 0) in metrics
+    assert ("prior_drift/domain_fid", 4) in metrics
     assert any(name == "train/dpo_implicit_acc" for name, _ in metrics)
     assert (run_dir / "preference" / "pairs.pt").is_file()
 

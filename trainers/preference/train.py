@@ -180,6 +180,9 @@ class PreferenceTrainer(PostTrainer):
     def evaluate_start(self) -> bool:
         return True  # the starting model's rewards and domain metrics: the "before"
 
+    def start_evaluated(self) -> bool:
+        return f"reward/{self.reward.name}/heldout" in self.step0_values()
+
     def evaluate(self) -> dict[str, float]:
         values = super().evaluate()
         if not self.dist.main:
