@@ -21,6 +21,7 @@ here, once:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from typing import Any
 from trainers.config import ConfigError, DataConfig, FlowConfig, load_config, parse_config
 from trainers.errors import WeightsError
 from trainers.export import ExportedModel, load_export
-from trainers.train import Dist, FlowNet, FlowTrainer
+from trainers.train import Dist, FlowNet, FlowTrainer, NonFiniteLoss
 
 __all__ = ["InitModel", "PostTrainer", "check_single_process", "flow_view", "resolve_init"]
 
@@ -168,6 +169,13 @@ class PostTrainer(FlowTrainer):
             if k in values and k in before
         }
 
+    def check_finite(self, loss: Any) -> None:
+        """Raise :class:`~trainers.train.NonFiniteLoss` for a non-finite ``loss`` (a method's
+        step calls it before :meth:`optimizer_step`)."""
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"non-finite loss ({value}) at step {self.step + 1}")
+
     def window(self, name: str, value: float) -> None:
         """Add ``value`` to the metric ``name``, logged averaged at the next log line."""
         if not hasattr(self, "_window"):
@@ -201,6 +209,36 @@ class PostTrainer(FlowTrainer):
 
     def config_hash(self) -> str:
         return self.pcfg.hash()
+
+    # -- LoRA (configs with ``lora``: fine-tuning, preference tuning) --------------------------
+    @property
+    def lora_rank(self) -> int:
+        """The config's ``lora.rank`` (0: every weight trains, or the config has no LoRA)."""
+        lora = getattr(self.pcfg, "lora", None)
+        return lora.rank if lora is not None else 0
+
+    def adapter_info(self) -> dict[str, Any]:
+        """What the adapter's ``harness.json`` records beyond its base and step."""
+        return {}
+
+    def export_denoiser(self, net: FlowNet) -> Any:
+        """A LoRA run exports its adapters merged into a copy of the backbone."""
+        if self.lora_rank == 0:
+            return net.denoiser
+        from trainers.finetune.lora import merged_copy
+        from trainers.models import Denoiser
+
+        return Denoiser(net.denoiser.backbone, merged_copy(net.denoiser.transformer))
+
+    def export(self) -> None:
+        """The merged export, and a LoRA run's adapter in ``final/lora/`` (peft format)."""
+        super().export()
+        if self.dist.main and self.lora_rank > 0:
+            from trainers.finetune.lora import save_adapter
+
+            info = {"base": str(self.init.export.resolve()), "step": self.step}
+            info |= self.adapter_info()
+            save_adapter(self.ema_model().denoiser.transformer, self.run.final / "lora", info)
 
     def export_info(self) -> dict[str, Any]:
         """Where training started, and the flow config it trained under (a later post-training

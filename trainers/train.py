@@ -43,7 +43,7 @@ from torch import nn
 from trainers.config import ConfigError, FlowConfig, load_config
 from trainers.errors import DataError, WeightsError
 from trainers.export import save_export, state_dict_hash
-from trainers.flow import FlowGenerators, flow_matching_loss, grid_flow_loss
+from trainers.flow import FlowGenerators, FlowLoss, flow_matching_loss, grid_flow_loss
 from trainers.logs import Progress, tee_output
 from trainers.models import build_denoiser, count_parameters
 from trainers.repa import Repa, build_repa
@@ -464,21 +464,8 @@ class FlowTrainer:
     def train_step(self) -> tuple[float, float]:
         """One optimizer step; returns (loss, grad norm). Raises NonFiniteLoss."""
         cfg = self.cfg
-        gens = step_generators(cfg.seed, self.step, self.dist.rank)
-        idx, drop = self.draw_batch(self.step, gens)
-        x0 = self.data.batch(idx, self.device)
-        captions = [
-            "" if d else self.data.captions[i]
-            for i, d in zip(idx.tolist(), drop.tolist(), strict=True)
-        ]
         with self.autocast():
-            out = flow_matching_loss(
-                lambda x, t: self.model(x, t, captions),
-                x0,
-                cfg.timesteps,
-                self.shift,
-                gens.flow(),
-            )
+            out, x0 = self.flow_loss()
             loss = out.loss
             if self.repa is not None:  # the hook captured block repa.layer in that forward
                 align = self.repa.loss(self._pixels(x0), self.repa.grid(*x0.shape[-2:]))
@@ -490,6 +477,26 @@ class FlowTrainer:
             raise NonFiniteLoss(f"non-finite loss ({reduced}) at step {self.step + 1}")
         grad_norm = self.optimizer_step(loss)
         return reduced, grad_norm
+
+    def flow_loss(self) -> tuple[FlowLoss, torch.Tensor]:
+        """The flow-matching loss of this step's batch (its draws from :func:`step_generators`:
+        batch, caption dropout, t, noise), and the batch's clean images ``x0``; call it inside
+        :meth:`autocast`."""
+        gens = step_generators(self.cfg.seed, self.step, self.dist.rank)
+        idx, drop = self.draw_batch(self.step, gens)
+        x0 = self.data.batch(idx, self.device)
+        captions = [
+            "" if d else self.data.captions[i]
+            for i, d in zip(idx.tolist(), drop.tolist(), strict=True)
+        ]
+        out = flow_matching_loss(
+            lambda x, t: self.model(x, t, captions),
+            x0,
+            self.cfg.timesteps,
+            self.shift,
+            gens.flow(),
+        )
+        return out, x0
 
     def optimizer_step(self, loss: torch.Tensor) -> float:
         """Back-propagate ``loss``, clip, step the optimizer, the schedule and the EMA, count

@@ -18,16 +18,14 @@ SIGTERM, EMA, evaluation, samples and export, starting from a finished model (``
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from trainers.finetune.config import FinetuneConfig, load_finetune_config
-from trainers.finetune.lora import add_lora, merged_copy, save_adapter
+from trainers.finetune.lora import add_lora
 from trainers.finetune.methods import METHODS, method_info
-from trainers.models import Denoiser
 from trainers.post import PostTrainer, check_single_process, flow_view, resolve_init
 from trainers.rundir import RunDir
 from trainers.train import (
@@ -35,7 +33,6 @@ from trainers.train import (
     Dist,
     FlowNet,
     FlowTrainer,
-    NonFiniteLoss,
     TrainData,
     main,
 )
@@ -111,17 +108,8 @@ class FinetuneTrainer(PostTrainer):
             add_lora(denoiser.transformer, self.pcfg.lora)
         return FlowNet(denoiser, text)
 
-    def export_denoiser(self, net: FlowNet) -> torch.nn.Module:
-        if self.pcfg.lora.rank == 0:
-            return net.denoiser
-        return Denoiser(net.denoiser.backbone, merged_copy(net.denoiser.transformer))
-
-    def export(self) -> None:
-        super().export()
-        if self.dist.main and self.pcfg.lora.rank > 0:
-            info = {"base": str(self.init.export.resolve()), "step": self.step}
-            info |= method_info(self.pcfg)
-            save_adapter(self.ema_model().denoiser.transformer, self.run.final / "lora", info)
+    def adapter_info(self) -> dict[str, Any]:
+        return method_info(self.pcfg)
 
     def export_info(self) -> dict[str, Any]:
         return super().export_info() | {"finetune": method_info(self.pcfg)}
@@ -136,11 +124,6 @@ class FinetuneTrainer(PostTrainer):
     def flow_step(self) -> tuple[float, float]:
         """The flow trainer's step (ct, sft)."""
         return FlowTrainer.train_step(self)
-
-    def check_finite(self, loss: torch.Tensor) -> None:
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise NonFiniteLoss(f"non-finite loss ({value}) at step {self.step + 1}")
 
     # -- evaluation -----------------------------------------------------------------------
     def evaluate_start(self) -> bool:

@@ -29,7 +29,6 @@ import torch
 from torch import Tensor
 
 from trainers.config import ConfigError
-from trainers.flow import FlowGenerators, flow_matching_loss
 from trainers.preference.config import PreferenceConfig
 from trainers.preference.dpo import dpo_step_loss
 from trainers.preference.grpo import (
@@ -153,7 +152,8 @@ class Refl(PreferenceMethod):
         loss = -s.weight * reward.mean()
         flow_value = 0.0
         if s.flow_weight > 0:
-            flow = self._flow_loss(trainer)
+            with trainer.autocast():
+                flow = trainer.flow_loss()[0].loss
             flow_value = float(flow.detach())
             loss = loss + s.flow_weight * flow
         trainer.check_finite(loss)
@@ -162,26 +162,6 @@ class Refl(PreferenceMethod):
         trainer.window("train/flow_loss", flow_value)
         trainer.window("train/refl_stop_t", ts[stop])
         return float(loss.detach()), grad_norm
-
-    @staticmethod
-    def _flow_loss(trainer: PreferenceTrainer) -> Tensor:
-        """The flow-matching loss on a training batch (the flow trainer's draws of this step)."""
-        gens = step_generators(trainer.cfg.seed, trainer.step, 0)
-        idx, drop = trainer.draw_batch(trainer.step, gens)
-        x0 = trainer.data.batch(idx, trainer.device)
-        captions = [
-            "" if d else trainer.data.captions[i]
-            for i, d in zip(idx.tolist(), drop.tolist(), strict=True)
-        ]
-        with trainer.autocast():
-            out = flow_matching_loss(
-                lambda x, t: trainer.model(x, t, captions),
-                x0,
-                trainer.cfg.timesteps,
-                trainer.shift,
-                FlowGenerators(gens.timesteps, gens.noise),
-            )
-        return out.loss
 
 
 # ----------------------------------------------------------------------------------------------

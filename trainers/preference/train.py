@@ -22,7 +22,6 @@ SIGTERM, EMA, evaluation, samples and export, starting from a finished model (``
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,14 +29,13 @@ from typing import Any
 import torch
 
 from trainers.config import ConfigError, DataConfig
-from trainers.finetune.lora import add_lora, merged_copy, save_adapter
-from trainers.models import Denoiser
+from trainers.finetune.lora import add_lora
 from trainers.post import PostTrainer, check_single_process, flow_view, resolve_init
 from trainers.preference.config import PreferenceConfig, load_preference_config
 from trainers.preference.methods import METHODS
 from trainers.preference.rewards import Reward, build_reward
 from trainers.rundir import RunDir
-from trainers.train import Dist, FlowNet, NonFiniteLoss, main
+from trainers.train import Dist, FlowNet, main
 
 # Offset of the preference prompts in the embedded data's index space: neither the sample grid
 # (0..), the periodic evaluation (100_000..) nor the arena (200_000..).
@@ -125,17 +123,8 @@ class PreferenceTrainer(PostTrainer):
             add_lora(denoiser.transformer, self.pcfg.lora)
         return FlowNet(denoiser, exported.text_encoder)
 
-    def export_denoiser(self, net: FlowNet) -> torch.nn.Module:
-        if self.pcfg.lora.rank == 0:
-            return net.denoiser
-        return Denoiser(net.denoiser.backbone, merged_copy(net.denoiser.transformer))
-
-    def export(self) -> None:
-        super().export()
-        if self.dist.main and self.pcfg.lora.rank > 0:
-            info = {"base": str(self.init.export.resolve()), "step": self.step}
-            info |= self.preference_info()
-            save_adapter(self.ema_model().denoiser.transformer, self.run.final / "lora", info)
+    def adapter_info(self) -> dict[str, Any]:
+        return self.preference_info()
 
     def preference_info(self) -> dict[str, Any]:
         """What the export records of how it was tuned (``harness.json``'s ``preference``)."""
@@ -154,11 +143,6 @@ class PreferenceTrainer(PostTrainer):
     # -- one step -------------------------------------------------------------------------
     def train_step(self) -> tuple[float, float]:
         return self.method.train_step(self)
-
-    def check_finite(self, loss: torch.Tensor) -> None:
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise NonFiniteLoss(f"non-finite loss ({value}) at step {self.step + 1}")
 
     def state(self) -> dict[str, Any]:
         return super().state() | {"method": self.method.state()}
