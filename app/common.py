@@ -18,8 +18,9 @@ from typing import Any
 
 import streamlit as st
 
+from evaluators.redact import redact_text
 from harness import app_data as data
-from harness.store import Store
+from harness.store import Store, StoreError
 
 TTL_S = 5
 """How stale a cached read may be (seconds)."""
@@ -55,7 +56,16 @@ def store() -> Store | None:
             "on another work directory: `harness app --workdir DIR`."
         )
         return None
-    return _store(db)
+    try:
+        return _store(db)
+    except StoreError as err:  # not a store, locked for too long, written by a newer harness
+        show_store_error(err)
+        return None
+
+
+def show_store_error(err: StoreError) -> None:
+    """An expected store failure as a clean message on the page (no traceback)."""
+    st.error(f"The results store cannot be read: {redact_text(str(err))}")
 
 
 # -- cached reads ---------------------------------------------------------------------------------

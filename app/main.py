@@ -44,6 +44,9 @@ def _warm_up() -> bool:
 
 
 def main() -> None:
+    # No tracebacks for raters, however the app was started (`harness app` passes it too):
+    # expected errors are shown as messages by the pages, anything else as a generic notice.
+    st.set_option("client.showErrorDetails", "none")
     _warm_up()
     st.set_page_config(
         page_title="Diffusion arena", page_icon=":material/leaderboard:", layout="wide"
@@ -62,7 +65,14 @@ def main() -> None:
         ),
         st.Page(VIEWS / "runs.py", title="Runs", icon=":material/photo_library:", url_path="runs"),
     ]
-    st.navigation(pages, position="top").run()
+    page = st.navigation(pages, position="top")
+    from app import common  # after sys.path holds the repository root
+    from harness.store import StoreError
+
+    try:
+        page.run()
+    except StoreError as err:  # the store failed under a page: a message, never a traceback
+        common.show_store_error(err)
 
 
 main()

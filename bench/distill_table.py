@@ -27,6 +27,7 @@ from harness.arena_pipeline import add_run_contestants
 from harness.runner import Workdir, resolve_teacher_ref
 from harness.spec import load_study
 from harness.store import Store
+from harness.workpaths import store_work_root, to_stored
 from trainers.config import load_config
 from trainers.evaluate import ShapesEvaluator
 from trainers.export import load_export
@@ -35,8 +36,8 @@ from trainers.export import load_export
 def _trial_cost(store: Store, run_dir: str) -> float | None:
     rows = store.query(
         "SELECT t.started_at, t.ended_at FROM trials t JOIN runs r USING (run_id) "
-        "WHERE r.run_dir = ?",
-        [run_dir],
+        "WHERE r.run_dir = ? OR r.run_dir = ?",  # recorded relative to the work dir (or absolute)
+        [run_dir, to_stored(run_dir, store_work_root(store))],
     )
     if rows and rows[0]["started_at"] and rows[0]["ended_at"]:
         return float(rows[0]["ended_at"] - rows[0]["started_at"])
@@ -71,7 +72,8 @@ def main() -> None:
         raise SystemExit(f"no complete trial of study {spec.name!r} in {store.path}")
 
     # The teacher, evaluated as the students are.
-    student_cfg = json.loads((Path(students[0]["run_dir"]) / "config.json").read_text())
+    student_dir = store.run_dir_path(students[0]["run_dir"])  # relative to the work dir
+    student_cfg = json.loads((student_dir / "config.json").read_text())
     teacher_cfg = load_config(teacher_dir / "config.json")
     eval_cfg = teacher_cfg.eval.model_copy(
         update={k: student_cfg["eval"][k] for k in ("num_images", "reference_images")}
@@ -134,7 +136,10 @@ def main() -> None:
         args.out.write_text(table + "\n")
 
     if args.arena:
-        teacher_run = store.query("SELECT run_id FROM runs WHERE run_dir = ?", [str(teacher_dir)])
+        teacher_run = store.query(
+            "SELECT run_id FROM runs WHERE run_dir = ? OR run_dir = ?",
+            [str(teacher_dir), to_stored(teacher_dir, store_work_root(store))],
+        )
         added = add_run_contestants(
             store,
             [teacher_run[0]["run_id"]],

@@ -71,7 +71,7 @@ def main() -> None:
     store = Store(Workdir(args.workdir).store)
     models = {}
     for run_id in args.runs.split(","):
-        run_dir = Path(
+        run_dir = store.run_dir_path(  # recorded relative to the work directory
             store.query("SELECT run_dir FROM runs WHERE run_id = ?", [run_id])[0]["run_dir"]
         )
         model = load_export(run_dir / "final")

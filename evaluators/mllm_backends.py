@@ -44,6 +44,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from evaluators.redact import redact_text, redact_url, strip_userinfo
+
 log = logging.getLogger(__name__)
 
 ENV_BASE_URL = "HARNESS_JUDGE_BASE_URL"
@@ -185,8 +187,26 @@ class OpenAIBackend:
             )
         if not base_url.startswith(("http://", "https://")):
             raise BackendConfigError(
-                f"{ENV_BASE_URL}={base_url!r} is not an http(s) URL; e.g. http://localhost:8000/v1"
+                f"{ENV_BASE_URL}={redact_url(base_url)!r} is not an http(s) URL; "
+                "e.g. http://localhost:8000/v1"
             )
+        # User info in the URL (https://user:pass@host/v1) would reach httpx, which turns it into
+        # Basic auth in place of the Bearer key, and every message quoting the URL would show
+        # it: it is cut off here, and the key comes from api_key (HARNESS_JUDGE_API_KEY) only.
+        url = base_url
+        base_url, url_user, url_password = strip_userinfo(url)
+        url_secret = url_password or url_user
+        if url_secret is not None:
+            if not api_key:
+                raise BackendConfigError(
+                    f"{ENV_BASE_URL} carries credentials in its user info ({redact_url(url)}); "
+                    "they are not sent. Remove them from the URL and set the key in "
+                    f"{ENV_API_KEY} (sent as a Bearer token)"
+                )
+            log.warning(
+                "%s: credentials in the URL's user info are ignored; the key from %s is sent",
+                base_url, ENV_API_KEY,
+            )  # fmt: skip
         if not model:
             raise BackendConfigError(
                 f"no judge model: set {ENV_MODEL} to the model name the server serves "
@@ -218,7 +238,15 @@ class OpenAIBackend:
         self._client = openai.OpenAI(
             base_url=self.base_url, api_key=key, timeout=self.timeout_s, max_retries=0
         )
-        self._scrub: Callable[[str], str] = lambda text: redact(text, key)
+        secrets = [key, url_password, url_user if url_password is None else None]
+
+        def scrub(text: str) -> str:
+            text = redact_text(text)
+            for secret in secrets:
+                text = redact(text, secret)
+            return text
+
+        self._scrub: Callable[[str], str] = scrub
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **options: Any) -> OpenAIBackend:

@@ -138,6 +138,8 @@ def contestant(store: Store, contestant_id: str) -> dict[str, Any] | None:
     if not rows:
         return None
     out = decode_json(rows)[0]
+    if out.get("run_dir"):  # recorded relative to the work directory: where it is now
+        out["run_dir"] = str(store.run_dir_path(out["run_dir"]))
     out["renders"] = store.query(
         "SELECT prompt_id, seed, prompt, category FROM renders WHERE contestant_id = ? "
         "ORDER BY prompt_id, seed",
@@ -199,6 +201,7 @@ def run(store: Store, run_id: str) -> dict[str, Any] | None:
     if not rows:
         return None
     out = decode_json(decode_json(rows, "config"), "params")[0]
+    out["run_dir"] = str(store.run_dir_path(out["run_dir"]))  # recorded relative to the work dir
     status = Path(out["run_dir"]) / "status.json"
     try:
         out["status"] = json.loads(status.read_text())
@@ -236,7 +239,7 @@ def sample_image(store: Store, run_id: str, path: str) -> bytes:
     )
     if not rows:
         raise FileNotFoundError(f"run {run_id!r} has no registered sample {path!r}")
-    root = (Path(rows[0]["run_dir"]) / "samples").resolve()
+    root = (store.run_dir_path(rows[0]["run_dir"]) / "samples").resolve()
     file = (root / rows[0]["path"]).resolve()
     if not file.is_relative_to(root):
         raise FileNotFoundError(f"sample {path!r} of run {run_id!r} lies outside {root}")

@@ -48,6 +48,21 @@ _LINE_FIELDS: dict[str, tuple[str, tuple[type, ...], bool]] = {
     "session": ("session", (str,), False),
     "extra": ("extra", (dict,), False),
 }
+# Longest accepted text per JSONL key (characters): a pasted document or a runaway generator in
+# an id would otherwise land in every leaderboard row and app page. Documented in
+# `harness arena import --help`.
+MAX_ID_CHARS = 200
+MAX_PROMPT_CHARS = 2000
+MAX_PATH_CHARS = 1000
+MAX_CHARS: dict[str, int] = {
+    "prompt": MAX_PROMPT_CHARS,
+    "left": MAX_ID_CHARS,
+    "right": MAX_ID_CHARS,
+    "rater": MAX_ID_CHARS,
+    "session": MAX_ID_CHARS,
+    "left_image": MAX_PATH_CHARS,
+    "right_image": MAX_PATH_CHARS,
+}
 DEFAULT_RATER_KIND: RaterKind = "human"
 # Gold votes (the rating app's attention checks: a pair with a known answer, flagged
 # {"gold": true} in comparisons.extra) measure a rater's reliability and never count for ratings.
@@ -130,6 +145,11 @@ def _parse_line(line: str) -> dict[str, Any]:
         if isinstance(value, bool) or not isinstance(value, kinds):
             names = " or ".join("a string" if k is str else k.__name__ for k in kinds)
             raise ValueError(f"{key!r} must be {names}, got {value!r}")
+        if isinstance(value, str) and len(value) > MAX_CHARS.get(key, len(value)):
+            raise ValueError(
+                f"{key!r} is {len(value)} characters long, more than the {MAX_CHARS[key]} "
+                f"allowed ({value[:40]!r}...)"
+            )
         row[column] = value
     if row["outcome"] not in OUTCOMES:
         raise ValueError(

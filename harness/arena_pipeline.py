@@ -135,9 +135,10 @@ def add_run_contestants(
     if not run_ids:
         raise ArenaError("name at least one run id (see the `runs` table, e.g. timestep/0000/s0)")
     finals = {run_id: _final_dir(store, run_id) for run_id in dict.fromkeys(run_ids)}
+    metas = {run_id: _check_export(run_id, final) for run_id, final in finals.items()}
     added = []
     for run_id, final in finals.items():
-        meta = _export_meta(final)
+        meta = metas[run_id]
         shift = float(meta["shift"])
         run_solver, run_guidance = solver, float(guidance)
         if meta.get("distill"):
@@ -177,7 +178,7 @@ def _final_dir(store: Store, run_id: str) -> Path:
             f"{store.path} (registered runs: {listed}). Runs are registered by `harness study "
             "run`, or from Python with Store.ingest_run_dir(run_id, run_dir)"
         )
-    final = Path(rows[0]["run_dir"]) / "final"
+    final = store.run_dir_path(rows[0]["run_dir"]) / "final"  # relative to the work dir
     if not (final / "harness.json").is_file():
         raise ArenaError(
             f"run {run_id!r} has no exported model: {final / 'harness.json'} does not exist. "
@@ -190,6 +191,26 @@ def _export_meta(final: Path) -> dict[str, Any]:
     import json
 
     return json.loads((final / "harness.json").read_text())
+
+
+def _check_export(run_id: str, final: Path) -> dict[str, Any]:
+    """The export's metadata, after loading the model once on the CPU: garbage weights or a
+    wrong architecture are refused when the contestant is added, not when it is rendered."""
+    from trainers.export import load_export
+
+    try:
+        meta = _export_meta(final)
+        if not isinstance(meta, dict) or "shift" not in meta:
+            raise ValueError(f"{final / 'harness.json'} has no 'shift'")
+        load_export(final, device="cpu")
+    except Exception as err:  # any failure to load is this export's fault, named below
+        why = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err) else ''}"
+        raise ArenaError(
+            f"run {run_id!r}: the exported model in {final} cannot be loaded ({why}). "
+            "Nothing was registered. Re-export it (resume the run so it finishes and writes "
+            "final/ again) or leave this run out"
+        ) from None
+    return meta
 
 
 # -- prompts -------------------------------------------------------------------------------------

@@ -3,21 +3,89 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
+import typer.core
 
 from evaluators.judging import judge_names
 from evaluators.metrics import METRICS
+from evaluators.redact import redact_text, redact_url
 
 METRIC_NAMES = tuple(METRICS)
 JUDGE_NAMES = tuple(judge_names())
+EXIT_INVALID = 2
+
+
+def _known_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """(refused input -> exit 2, a busy store -> exit 1): the errors whose message is the whole
+    story for the user. Anything else is a bug and keeps its traceback. Imported on demand:
+    only an error pays for the imports."""
+    from pydantic import ValidationError
+
+    from evaluators.image_metrics import NotEnoughImagesError
+    from evaluators.judging import JudgeError
+    from evaluators.mllm_backends import BackendConfigError
+    from evaluators.sinks import RecordError
+    from harness.evaluate_cmd import EvalError
+    from harness.spec import SpecError
+    from harness.store import StoreBusyError, StoreError
+    from trainers.config import ConfigError  # PairsError and RewardError are ConfigErrors
+    from trainers.errors import DataError, WeightsError
+
+    invalid = (
+        StoreError, SpecError, ConfigError, DataError, WeightsError, JudgeError, RecordError,
+        EvalError, BackendConfigError, NotEnoughImagesError, ValidationError, UnicodeDecodeError,
+        FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+    )  # fmt: skip
+    return invalid, (StoreBusyError,)
+
+
+def _error_message(err: BaseException) -> str:
+    if isinstance(err, UnicodeDecodeError):  # its own message names no file
+        text = (
+            f"a file is not UTF-8 text ({err}); save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+        )
+    elif (
+        isinstance(err, OSError) and err.filename is not None and str(err.filename) not in str(err)
+    ):
+        text = f"{err.strerror or err}: {err.filename}"
+    else:
+        text = str(err)
+    return redact_text(text)
+
+
+class _HarnessGroup(typer.core.TyperGroup):
+    """The top-level command group: a refused input anywhere below (store, study file, config,
+    data, weights, a missing file) prints ``error: MESSAGE`` on stderr and exits 2, a store
+    locked by another process exits 1, and only unexpected errors (bugs) show a traceback."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except Exception as err:
+            invalid, busy = _known_errors()
+            if isinstance(err, busy):
+                typer.echo(f"error: {_error_message(err)}", err=True)
+                raise typer.Exit(1) from None
+            if isinstance(err, invalid):
+                typer.echo(f"error: {_error_message(err)}", err=True)
+                raise typer.Exit(EXIT_INVALID) from None
+            raise
+
+
 app = typer.Typer(
+    cls=_HarnessGroup,
     help="Diffusion training ablation harness and evaluation arena.",
     no_args_is_help=True,
     add_completion=False,
+    # a traceback's locals could hold a storage URL or an API key
+    pretty_exceptions_show_locals=False,
 )
 study_app = typer.Typer(
     help="Run and inspect Optuna studies over training choices.", no_args_is_help=True
@@ -33,11 +101,20 @@ raters_app = typer.Typer(
 )
 app.add_typer(raters_app, name="raters")
 
-EXIT_INVALID = 2
-
 
 WorkdirOpt = Annotated[
     Path, typer.Option("--workdir", help="where runs/, harness.duckdb and optuna.db live")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        metavar="KEY=VALUE",
+        help="override a key of the study file, a dotted path into its structure (repeatable): "
+        "--set base.train.steps=100; VALUE is YAML (100, 1e-3, true, null, a bracketed list); "
+        "validated like "
+        "the file",
+    ),
 ]
 DEFAULT_WORKDIR = Path("work")
 
@@ -46,10 +123,19 @@ DEFAULT_WORKDIR = Path("work")
 def study_run(
     file: Annotated[Path, typer.Argument(help="study YAML file, e.g. studies/timestep.yaml")],
     trials: Annotated[
-        int | None, typer.Option("--trials", help="run this many trials instead of the file's")
+        int | None,
+        typer.Option(
+            "--trials",
+            "--total-trials",
+            min=1,
+            help="the study's total number of trials, counting those it already has (not N "
+            "more): a finished study rerun with the same N runs nothing; default: the file's "
+            "trials:",
+        ),
     ] = None,
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
     html: HtmlOpt = None,
+    sets: SetOpt = None,
 ) -> None:
     """Run a study: Optuna proposes, a trainer process trains each trial, DuckDB records.
 
@@ -58,20 +144,37 @@ def study_run(
     checkpoint. Ctrl-C stops the trainers cleanly (they checkpoint). Example:
 
         uv run harness study run studies/timestep.yaml --workdir work
+
+    --set KEY=VALUE overrides a key of the study file (repeatable), e.g. --set
+    base.train.steps=100 --set trials=4. A study already in the work directory refuses
+    overrides that change it (anything but trials); add --set name=NEW to run them as a new
+    study.
     """
     from harness.runner import StudyRunner
     from harness.spec import SpecError, load_study
+    from harness.store import StoreError
 
     try:
-        spec = load_study(file)
+        spec = load_study(file, sets or ())
         # The runner resolves references into the work directory (teacher: best:STUDY), which
         # can fail the same way: exit 2 with the message, nothing launched.
         runner = StudyRunner(spec, workdir)
     except SpecError as err:
-        typer.echo(str(err), err=True)
+        typer.echo(f"error: {err}", err=True)
         raise typer.Exit(EXIT_INVALID) from None
     try:
         study = runner.run(n_trials=trials)
+    except StoreError as err:
+        if sets and "different spec" in str(err):  # the study exists: --set changed it
+            typer.echo(
+                f"error: {_error_message(err)}\n--set {' --set '.join(sets)} changes study "
+                f"{spec.name!r}, which already exists in {workdir}: an existing study only "
+                "takes --set trials=N (or --trials N); add --set name=NEW to run the "
+                "overrides as a new study",
+                err=True,
+            )
+            raise typer.Exit(EXIT_INVALID) from None
+        raise
     except KeyboardInterrupt:
         typer.echo("stopped; rerun the same command to resume", err=True)
         raise typer.Exit(130) from None
@@ -89,7 +192,9 @@ def _print_report(
 
     baseline, design = spec.get("baseline"), spec.get("design", "search")
     sampler = (spec.get("optuna") or {}).get("sampler", "tpe")
-    analysis = analyse(study, metrics, directions, baseline, design, sampler, spec.get("repeats"))
+    analysis = analyse(
+        study, metrics, directions, baseline, design, sampler, spec.get("repeats"), workdir=workdir
+    )
     if as_json:
         typer.echo(json.dumps(analysis.to_json(), indent=1))
     else:
@@ -102,6 +207,7 @@ def _print_report(
                 design=design,
                 sampler=sampler,
                 analysis=analysis,
+                workdir=workdir,
             )
         )
     path = _write_html(study, metrics, directions, workdir, html, baseline, analysis)
@@ -144,21 +250,44 @@ def _load(name: str, workdir: Path, storage: str | None = None):
 
     from harness.runner import Workdir
 
+    given = storage
     row = _studies_row(name, workdir)
     if storage is None and row is not None:
         storage = (json.loads(row["spec"]).get("optuna") or {}).get("storage")
     url = storage or Workdir(workdir).optuna_url
     if storage is None and not (workdir / "optuna.db").exists():
-        typer.echo(f"no studies in {workdir} (no optuna.db); pass --workdir or --storage", err=True)
+        typer.echo(
+            f"error: no studies in {workdir} (no optuna.db); pass --workdir or --storage", err=True
+        )
         raise typer.Exit(EXIT_INVALID)
     try:
         return optuna.load_study(study_name=name, storage=url)
     except KeyError:
         names = [s.study_name for s in optuna.get_all_study_summaries(url)]
         typer.echo(
-            f"no study {name!r} in {url}; studies there: {', '.join(names) or 'none'}", err=True
+            f"error: no study {name!r} in {_redact(url)}; "
+            f"studies there: {', '.join(names) or 'none'}",
+            err=True,
         )
         raise typer.Exit(EXIT_INVALID) from None
+    except Exception as err:  # unreachable server, refused login, unknown driver, bad URL
+        if (
+            isinstance(err, (ImportError, optuna.exceptions.OptunaError))
+            or "sqlalchemy" in type(err).__module__
+        ):
+            typer.echo(
+                f"error: cannot open the storage {_redact(url)}: "
+                f"{redact_text(f'{type(err).__name__}: {err}')}"
+                + (
+                    ""
+                    if given
+                    else " (the store keeps storage URLs without their password: pass --storage "
+                    "with the full URL, or give the driver the password, e.g. PGPASSWORD)"
+                ),
+                err=True,
+            )
+            raise typer.Exit(EXIT_INVALID) from None
+        raise
 
 
 def _write_html(
@@ -169,7 +298,9 @@ def _write_html(
 
     out = out or workdir / "reports" / f"{study.study_name}.html"
     store = Store(workdir / "harness.duckdb") if (workdir / "harness.duckdb").exists() else None
-    return write_report_html(study, metrics, directions, out, store, baseline, analysis)
+    return write_report_html(
+        study, metrics, directions, out, store, baseline, analysis, workdir=workdir
+    )
 
 
 @study_app.command("report")
@@ -259,7 +390,8 @@ def study_list(workdir: WorkdirOpt = DEFAULT_WORKDIR, storage: StorageOpt = None
         try:
             summaries = optuna.get_all_study_summaries(url)
         except Exception as err:  # one unreachable database must not hide the others
-            typer.echo(f"{_redact(url)}: cannot read ({type(err).__name__}: {err})", err=True)
+            why = redact_text(f"{type(err).__name__}: {err}")
+            typer.echo(f"{_redact(url)}: cannot read ({why})", err=True)
             continue
         where = "" if url == Workdir(workdir).optuna_url else f"  ({_redact(url)})"
         for s in summaries:
@@ -268,28 +400,27 @@ def study_list(workdir: WorkdirOpt = DEFAULT_WORKDIR, storage: StorageOpt = None
 
 def _redact(url: str) -> str:
     """A storage URL without its password (postgresql://user:secret@host -> user:***@host)."""
-    import re
-
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+    return redact_url(url)
 
 
 @study_app.command("check")
 def study_check(
     file: Annotated[Path, typer.Argument(help="study YAML file, e.g. studies/timestep.yaml")],
+    sets: SetOpt = None,
 ) -> None:
     """Validate a study file and print its search space; runs nothing.
 
     An invalid file lists every problem on stderr, each with its key path, and exits 2.
-    Example:
+    --set KEY=VALUE applies the same overrides as `study run --set`. Example:
 
-        uv run harness study check studies/timestep.yaml
+        uv run harness study check studies/timestep.yaml --set base.train.steps=100
     """
     from harness.spec import SpecError, load_study
 
     try:
-        spec = load_study(file)
+        spec = load_study(file, sets or ())
     except SpecError as err:
-        typer.echo(str(err), err=True)
+        typer.echo(f"error: {err}", err=True)
         raise typer.Exit(EXIT_INVALID) from None
     typer.echo(spec.summary())
 
@@ -314,6 +445,8 @@ def arena_import(
     ids), "winner" (left, right, tie or both_bad), "rater", "rater_kind" (human,
     judge or domain; default human), "time" (epoch seconds or ISO 8601 with a UTC
     offset), and optionally "left_image", "right_image", "session", "extra".
+    Limits: "prompt" at most 2000 characters; "left", "right", "rater" and "session" at most 200;
+    "left_image" and "right_image" at most 1000.
     A malformed line exits 2 naming FILE:LINE, and nothing of the file is stored.
     Importing the same votes again stores nothing new. Example:
 
@@ -339,8 +472,17 @@ def arena_add(
     steps: Annotated[
         str, typer.Option("--steps", help="sampler steps, comma-separated: one contestant each")
     ] = "25",
-    solver: Annotated[str, typer.Option("--solver", help="euler or heun")] = "euler",
-    guidance: Annotated[float, typer.Option("--guidance", help="classifier-free guidance")] = 3.0,
+    solver: Annotated[
+        str,
+        typer.Option("--solver", help="euler or heun (a distilled run uses its own sampler)"),
+    ] = "euler",
+    guidance: Annotated[
+        float,
+        typer.Option(
+            "--guidance",
+            help="classifier-free guidance (a distilled run has its teacher's built in: 1.0)",
+        ),
+    ] = 3.0,
     label: Annotated[str | None, typer.Option("--label", help="display name")] = None,
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
 ) -> None:
@@ -445,7 +587,7 @@ def arena_pairs_cmd(
                 resolution=resolution,
             )
         except PairsError as err:
-            typer.echo(str(err), err=True)
+            typer.echo(f"error: {err}", err=True)
             raise typer.Exit(EXIT_INVALID) from None
         pairs.save(out)
     c = pairs.counts
@@ -630,12 +772,14 @@ def _open_store(workdir: Path, *, create: bool):
 
     path = workdir / "harness.duckdb"
     if not create and not path.exists():
-        typer.echo(f"no store in {workdir} ({path} does not exist); pass --workdir", err=True)
+        typer.echo(
+            f"error: no store in {workdir} ({path} does not exist); pass --workdir", err=True
+        )
         raise typer.Exit(EXIT_INVALID)
     try:
         return Store(path)
     except StoreError as err:
-        typer.echo(str(err), err=True)
+        typer.echo(f"error: {err}", err=True)
         raise typer.Exit(EXIT_INVALID) from None
 
 
@@ -650,17 +794,21 @@ def _store_errors() -> Iterator[None]:
     try:
         yield
     except StoreBusyError as err:
-        typer.echo(str(err), err=True)
+        typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
     except (StoreError, BackendConfigError) as err:
-        typer.echo(str(err), err=True)
+        typer.echo(f"error: {err}", err=True)
         raise typer.Exit(EXIT_INVALID) from None
 
 
 @app.command("eval")
 def eval_cmd(
     target: Annotated[
-        str, typer.Argument(help="a run id in the store, a run directory, or an image folder")
+        str,
+        typer.Argument(
+            help="a run id in the store (STUDY/TRIAL/sK, e.g. timestep/0000/s0), a run "
+            "directory, or an image folder"
+        ),
     ],
     metrics: Annotated[
         str,
@@ -681,11 +829,13 @@ def eval_cmd(
     ] = None,
     inception: Annotated[
         str | None,
-        typer.Option("--inception", help="Inception weights .pth [env HARNESS_INCEPTION_WEIGHTS]"),
+        typer.Option(
+            "--inception", help="Inception weights .pth (else env HARNESS_INCEPTION_WEIGHTS)"
+        ),
     ] = None,
     clip: Annotated[
         str | None,
-        typer.Option("--clip", help="CLIP model dir or cached hub id [env HARNESS_CLIP_PATH]"),
+        typer.Option("--clip", help="CLIP model dir or cached hub id (else env HARNESS_CLIP_PATH)"),
     ] = None,
     resize: Annotated[
         str, typer.Option("--resize", help="Inception resize: clean or legacy-tf")
@@ -700,8 +850,8 @@ def eval_cmd(
     is downloaded: weights come from --inception / --clip, the environment variables, or the
     torch hub / Hugging Face caches. Reference features are cached. Examples:
 
-        uv run harness eval timestep/0 --metrics fid,kid,cmmd,clip_score --workdir work
-        uv run harness eval runs/tiny --metrics cmmd --clip ~/models/clip-vit-large-patch14-336
+        uv run harness eval timestep/0000/s0 --metrics fid,kid,cmmd,clip_score --workdir work
+        uv run harness eval work/runs/timestep/0000/s0 --metrics cmmd --clip ~/models/clip-vit
         uv run harness eval my_images/ --metrics fid --reference real_images/
     """
     from harness.evaluate_cmd import run
@@ -725,18 +875,24 @@ def app_cmd(
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
     port: PortOpt = 8501,
     address: Annotated[
-        str, typer.Option("--address", help="interface to listen on (0.0.0.0: every one)")
-    ] = "0.0.0.0",
+        str,
+        typer.Option(
+            "--address",
+            help="interface to listen on: 127.0.0.1 (default) is this machine only; "
+            "0.0.0.0 lets every network reach it (raters on other machines)",
+        ),
+    ] = "127.0.0.1",
 ) -> None:
     """Start the arena app (Streamlit): leaderboard, rating sessions, studies and runs.
 
     It works on WORKDIR/harness.duckdb and only reads, except for votes, so it can run while studies
-    and judges write. Raters open their personal link (`harness raters add NAME`). Example:
+    and judges write. Raters open their personal link (`harness raters add NAME`). It listens
+    on 127.0.0.1 (this machine) unless --address says otherwise; Ctrl-C or a SIGTERM stops the
+    server. Example:
 
-        uv run harness app --workdir work --port 8501
+        uv run harness app --workdir work --port 8501 --address 0.0.0.0
     """
     import os
-    import subprocess
     import sys
 
     main_py = Path(__file__).resolve().parent.parent / "app" / "main.py"
@@ -747,13 +903,56 @@ def app_cmd(
         "--server.headless", "true", "--server.port", str(port),
         "--server.address", address, "--browser.gatherUsageStats", "false",
         "--client.toolbarMode", "viewer", "--runner.magicEnabled", "false",
+        "--client.showErrorDetails", "none",
         "--", "--workdir", str(workdir.resolve()),
     ]  # fmt: skip
     env = {**os.environ, "HARNESS_WORKDIR": str(workdir.resolve())}
+    raise typer.Exit(_serve(command, env))
+
+
+APP_STOP_TIMEOUT_S = 10.0
+
+
+def _serve(command: list[str], env: dict[str, str]) -> int:
+    """Run the Streamlit server in its own process group until it exits; SIGTERM, SIGINT and
+    SIGHUP to this process stop it: forwarded to its group, then SIGKILL after
+    :data:`APP_STOP_TIMEOUT_S`. (``subprocess.call`` would leave it running on a SIGTERM.)"""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(command, env=env, start_new_session=True)
+    stop: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        stop.append(signum)
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+
+    handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {s: signal.signal(s, forward) for s in handled}
+    deadline: float | None = None
     try:
-        raise typer.Exit(subprocess.call(command, env=env))
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
+        while True:
+            try:  # short waits: a handler that ran during a blocking wait would not wake it
+                code = proc.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                if stop and deadline is None:
+                    deadline = time.monotonic() + APP_STOP_TIMEOUT_S
+                if deadline is not None and time.monotonic() > deadline:
+                    with suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if proc.poll() is None:  # an unexpected error here: never leave the server behind
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    if stop:
+        return 130 if stop[0] == signal.SIGINT else 128 + stop[0]
+    return code
 
 
 @raters_app.command("add")
@@ -812,6 +1011,67 @@ def raters_gold(workdir: WorkdirOpt = DEFAULT_WORKDIR) -> None:
     with _store_errors():
         added = add_gold_noise(store, workdir / "arena" / "gold-noise")
     typer.echo(f"{GOLD_NOISE_ID}: {added} new noise renders")
+
+
+# -- reading the store from the shell ---------------------------------------------------------
+@app.command("sql")
+def sql_cmd(
+    query: Annotated[
+        str, typer.Argument(help="one read-only SQL statement (SELECT, DESCRIBE ...)")
+    ],
+    workdir: WorkdirOpt = DEFAULT_WORKDIR,
+    fmt: Annotated[
+        str, typer.Option("--format", help="table (aligned text), csv or jsonl (one object a line)")
+    ] = "table",
+) -> None:
+    """Query the results store (WORKDIR/harness.duckdb) with DuckDB SQL and print the rows.
+
+    Safe while studies, judges and raters write: the query holds the file only while it runs,
+    like any store operation (a DuckDB CLI or notebook connection to the file would block
+    every write; from Python use harness.store.open_snapshot). Tables and columns: README, "The
+    results store". Examples:
+
+        uv run harness sql "SELECT study, number, state, values FROM trials" --workdir work
+        uv run harness sql "DESCRIBE metrics"
+        uv run harness sql "SELECT * FROM comparisons" --format csv > votes.csv
+    """
+    import csv
+    import json
+    import sys
+
+    import duckdb
+
+    from harness.store import StoreError
+
+    if fmt not in ("table", "csv", "jsonl"):
+        typer.echo(f"error: --format must be table, csv or jsonl, not {fmt!r}", err=True)
+        raise typer.Exit(EXIT_INVALID)
+    store = _open_store(workdir, create=False)
+    try:
+        rows = store.query(query)
+    except StoreError as err:
+        typer.echo(f"error: harness sql reads only; {err}", err=True)
+        raise typer.Exit(EXIT_INVALID) from None
+    except duckdb.Error as err:  # a syntax error, an unknown table or column
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(EXIT_INVALID) from None
+    columns = list(rows[0]) if rows else []
+    if fmt == "jsonl":
+        for row in rows:
+            typer.echo(json.dumps(row, default=str))
+    elif fmt == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows([row[c] for c in columns] for row in rows)
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(*columns, show_lines=False, box=None)
+        for row in rows:
+            table.add_row(*("NULL" if row[c] is None else str(row[c]) for c in columns))
+        Console(soft_wrap=True).print(table)
+        typer.echo(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
 
 
 def main() -> None:  # pragma: no cover

@@ -35,6 +35,7 @@ import optuna
 from optuna.trial import TrialState
 
 from harness import stats
+from harness.workpaths import trial_run_dir
 from trainers.rundir import RunDir
 
 # Reported beside the objective. eval/flow_loss rather than train/loss: the training loss is
@@ -80,11 +81,12 @@ class SeedResult:
     run_dir: Path | None = None
 
 
-def seed_dirs(user_attrs: Mapping[str, Any]) -> list[Path]:
+def seed_dirs(user_attrs: Mapping[str, Any], workdir: Path | None = None) -> list[Path]:
     """The run directories of a trial's seed runs, ``run_dir/s<k>``. A trial recorded before
-    studies had seeds trained in ``run_dir`` itself, and is read from there."""
-    root = user_attrs.get("run_dir")
-    if not root:
+    studies had seeds trained in ``run_dir`` itself, and is read from there. ``run_dir`` is
+    recorded relative to the work directory ``workdir`` (harness/workpaths.py)."""
+    root = trial_run_dir(user_attrs, workdir)
+    if root is None:
         return []
     seeds = user_attrs.get("seeds")
     if seeds is None and (Path(root) / "metrics.jsonl").exists():
@@ -165,12 +167,12 @@ def _finite(x: float) -> float | None:
 # Gathering
 
 
-def _seed_results(trial: optuna.trial.FrozenTrial) -> list[SeedResult]:
+def _seed_results(trial: optuna.trial.FrozenTrial, workdir: Path | None = None) -> list[SeedResult]:
     from trainers.evaluate import eval_image_files, read_eval_images
 
     seeds = trial.user_attrs.get("seeds") or [None]
     out = []
-    for k, path in enumerate(seed_dirs(trial.user_attrs)):
+    for k, path in enumerate(seed_dirs(trial.user_attrs, workdir)):
         run = RunDir(path)
         final = {m["name"]: m["value"] for m in run.read_metrics() if m["value"] is not None}
         if not final:
@@ -192,7 +194,7 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def gather(study: optuna.Study) -> list[Configuration]:
+def gather(study: optuna.Study, workdir: Path | None = None) -> list[Configuration]:
     """The complete configurations (a repeat of an earlier one is left out: counting it twice
     would fake a tighter interval) with their seed runs, labelled by parameter values."""
     trials = [
@@ -204,7 +206,7 @@ def gather(study: optuna.Study) -> list[Configuration]:
     varying = [n for n in names if len({repr(t.params.get(n)) for t in trials}) > 1]
     configs = []
     for t in trials:
-        seeds = _seed_results(t)
+        seeds = _seed_results(t, workdir)
         if seeds:
             configs.append(
                 Configuration(t.number, dict(t.params), seeds, _label(t.params, varying))
@@ -279,9 +281,11 @@ def analyse(
     sampler: str = "tpe",
     repeats: int | None = None,
     n_boot: int = N_BOOT,
+    workdir: Path | None = None,
 ) -> Analysis:
-    """Gather the study's configurations and compute summaries, effects and ranks."""
-    configs = gather(study)
+    """Gather the study's configurations and compute summaries, effects and ranks; run
+    directories are resolved against the work directory ``workdir``."""
+    configs = gather(study, workdir)
     objective, direction = metrics[0], directions[0]
     shown = list(dict.fromkeys([objective, *metrics[1:], *SECONDARY]))
     shown = [m for m in shown if any(c.values(m) for c in configs)]

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from evaluators.metrics import METRICS
 from harness.store import SAMPLE_COLUMNS, Store
+from harness.workpaths import store_work_root, to_stored
 from trainers.names import did_you_mean
 
 __all__ = [
@@ -266,7 +267,7 @@ def load_image_set(target: str, store: Store, tag: str | None = None) -> ImageSe
     """Resolve ``RUN_OR_SAMPLES`` (run id, run directory or image folder) to its images."""
     rows = store.query("SELECT run_dir, config FROM runs WHERE run_id = ?", [target])
     if rows:
-        run_dir = Path(rows[0]["run_dir"])
+        run_dir = store.run_dir_path(rows[0]["run_dir"])  # recorded relative to the work dir
         data = (json.loads(rows[0]["config"]) or {}).get("data") or {}
         cols = ", ".join(_SAMPLE_FIELDS)
         records = store.query(f"SELECT {cols} FROM samples WHERE run_id = ?", [target])
@@ -284,7 +285,11 @@ def load_image_set(target: str, store: Store, tag: str | None = None) -> ImageSe
     path = path.resolve()
     manifest = path / "samples" / "manifest.jsonl"
     if manifest.is_file():
-        rows = store.query("SELECT run_id FROM runs WHERE run_dir = ?", [str(path)])
+        # Recorded relative to the work directory (absolute by stores written before).
+        stored = to_stored(path, store_work_root(store))
+        rows = store.query(
+            "SELECT run_id FROM runs WHERE run_dir = ? OR run_dir = ?", [stored, str(path)]
+        )
         data = {}
         if (path / "config.json").is_file():
             cfg = json.loads((path / "config.json").read_text())

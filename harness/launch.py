@@ -35,6 +35,10 @@ class Outcome:
     exit_code: int | None = None
     final: dict[str, float] = field(default_factory=dict)  # last value of every metric
     seconds: float = 0.0
+    died: bool = False
+    """The trainer ended without a status.json: killed from outside (a signal, the OOM killer,
+    preemption) or crashed before it could say why. Only such a death is worth a retry from
+    the checkpoint; a failure the trainer reported itself would fail the same way again."""
 
 
 def trainer_command(module: str, run_dir: Path, gpus: int) -> list[str]:
@@ -96,6 +100,7 @@ class TrainerProcess:
         )
         self.proc: subprocess.Popen | None = None
         self._seen = 0
+        self._inode: int | None = None
         self.pruned = False
 
     def start(self) -> None:
@@ -113,7 +118,17 @@ class TrainerProcess:
                 os.killpg(self.proc.pid, sig)
 
     def new_metrics(self) -> list[dict[str, Any]]:
+        """Records appended since the last call. A file replaced meanwhile (a resumed trainer
+        drops what its killed attempt wrote after the checkpoint, or replaces a record it
+        redoes) is read again from the start: its records are reported again, which the
+        callbacks take as the same values."""
+        try:
+            inode = self.run.metrics.stat().st_ino
+        except FileNotFoundError:
+            inode = None
         records = read_jsonl(self.run.metrics)
+        if inode != self._inode or len(records) < self._seen:
+            self._inode, self._seen = inode, 0
         fresh, self._seen = records[self._seen :], len(records)
         return fresh
 
@@ -149,7 +164,7 @@ class TrainerProcess:
         status = self.run.read_status()
         tail = _tail(self.run.stderr)
         if status is None:
-            return Outcome("failed", _describe_exit(code), tail, code)
+            return Outcome("failed", _describe_exit(code), tail, code, died=True)
         if self.pruned and status["status"] == "stopped":
             return Outcome("pruned", f"pruned at step {status['step']}", "", code)
         if status["status"] == "ok":

@@ -24,6 +24,7 @@ from optuna.trial import TrialState
 
 from harness import stats as harness_stats
 from harness.effects import SECONDARY, Analysis, Configuration, analyse, seed_dirs
+from harness.workpaths import trial_run_dir
 
 __all__ = ["SECONDARY", "ablation_markdown", "mean_ci", "steps_to_reach"]
 
@@ -59,11 +60,13 @@ def ablation_markdown(
     design: str = "search",
     sampler: str = "tpe",
     analysis: Analysis | None = None,
+    workdir: Path | None = None,
 ) -> str:
     """The study report in Markdown. ``baseline``: parameters that pick the baseline
     configuration (the study file's ``baseline:``); effects are against it, else against the
-    best configuration. ``design`` / ``sampler``: how the configurations were chosen."""
-    a = analysis or analyse(study, metrics, directions, baseline, design, sampler)
+    best configuration. ``design`` / ``sampler``: how the configurations were chosen.
+    ``workdir``: the work directory the trials' run directories are recorded relative to."""
+    a = analysis or analyse(study, metrics, directions, baseline, design, sampler, workdir=workdir)
     trials = study.get_trials(deepcopy=False)
     done = [t for t in trials if t.state == TrialState.COMPLETE and "repeat_of" not in t.user_attrs]
     objective = metrics[0]
@@ -82,9 +85,9 @@ def ablation_markdown(
     lines += _ranks(a)
     lines += _summaries(a)
     if baseline and a.baseline is not None and _evaluations(a.baseline, objective) > 1:
-        lines += _speedup(done, objective, directions[0], baseline)
+        lines += _speedup(done, objective, directions[0], baseline, workdir)
     lines += _importances(study, done, objective, directions, a.confounded)
-    lines += _best(study, done, metrics)
+    lines += _best(study, done, metrics, workdir)
     lines += _all_trials(trials, metrics)
     return "\n".join(lines) + "\n"
 
@@ -217,12 +220,14 @@ def _evaluations(c: Configuration, objective: str) -> int:
     return sum(r["name"] == objective for r in rows)
 
 
-def _seed_curves(t: optuna.trial.FrozenTrial, objective: str) -> list[dict[int, float]]:
+def _seed_curves(
+    t: optuna.trial.FrozenTrial, objective: str, workdir: Path | None = None
+) -> list[dict[int, float]]:
     """The objective against step of each of the trial's seed runs (from ``metrics.jsonl``)."""
     from trainers.rundir import RunDir
 
     curves = []
-    for path in seed_dirs(t.user_attrs):
+    for path in seed_dirs(t.user_attrs, workdir):
         rows = RunDir(path).read_metrics()
         curves.append({r["step"]: r["value"] for r in rows if r["name"] == objective})
     return [c for c in curves if c]
@@ -233,6 +238,7 @@ def _speedup(
     objective: str,
     direction: str,
     baseline: Mapping[str, Any],
+    workdir: Path | None = None,
 ) -> list[str]:
     """Steps each configuration needs to reach the baseline's final objective, and the
     speed-up (the baseline's steps over the configuration's), seed k against seed k; the mean
@@ -240,7 +246,7 @@ def _speedup(
     base = [t for t in done if all(t.params.get(k) == v for k, v in baseline.items())]
     spec = ", ".join(f"{k}={_fmt(v)}" for k, v in baseline.items())
     lines = ["", f"## Steps to reach the baseline ({spec})", ""]
-    ref_curves = _seed_curves(base[0], objective) if base else []
+    ref_curves = _seed_curves(base[0], objective, workdir) if base else []
     if not ref_curves:
         return [*lines, "No complete baseline trial with intermediate values yet."]
     # Each seed's target is the baseline's own final value at that seed, and the baseline's
@@ -263,7 +269,7 @@ def _speedup(
         "|---|---|---|---|---|---|",
     ]
     for t in done:
-        curves = _seed_curves(t, objective)[: len(targets)]
+        curves = _seed_curves(t, objective, workdir)[: len(targets)]
         steps = [steps_to_reach(c, v, direction) for c, v in zip(curves, targets, strict=False)]
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in t.params.items())
         shown = ", ".join("-" if s is None else str(s) for s in steps)
@@ -327,7 +333,9 @@ def _importances(
     return out
 
 
-def _best(study: optuna.Study, done: list, metrics: Sequence[str]) -> list[str]:
+def _best(
+    study: optuna.Study, done: list, metrics: Sequence[str], workdir: Path | None = None
+) -> list[str]:
     if not done:
         return ["", "No trial has completed yet."]
     if len(metrics) > 1:
@@ -347,7 +355,7 @@ def _best(study: optuna.Study, done: list, metrics: Sequence[str]) -> list[str]:
     ]
     out += [f"- `{k}`: {_fmt(v)}" for k, v in t.params.items()]
     if "run_dir" in t.user_attrs:
-        run_dir = Path(t.user_attrs["run_dir"])
+        run_dir = trial_run_dir(t.user_attrs, workdir)
         out.append(f"- run directories: `{run_dir}/s<k>/` (samples in `samples/final/`)")
         config = run_dir / "s0" / "config.json"
         if config.exists():

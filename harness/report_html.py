@@ -27,6 +27,7 @@ from harness.report import (
     quiet_importance_warning,
 )
 from harness.store import Store
+from harness.workpaths import store_work_root
 
 MAX_SAMPLES = 16
 
@@ -220,7 +221,11 @@ def _gap(a: float | None, b: float | None) -> float:
 
 
 def _gallery(
-    study: optuna.Study, metrics: Sequence[str], store: Store | None, trials: list[dict[str, Any]]
+    study: optuna.Study,
+    metrics: Sequence[str],
+    store: Store | None,
+    trials: list[dict[str, Any]],
+    workdir: Path | None = None,
 ) -> str:
     if store is None or len(metrics) > 1:
         return ""
@@ -228,7 +233,7 @@ def _gallery(
         best = study.best_trial
     except ValueError:
         return ""
-    dirs = seed_dirs(best.user_attrs)
+    dirs = seed_dirs(best.user_attrs, workdir)
     rows = [r for r in trials if r["number"] == best.number]
     run_id = rows[0].get("run_id") if rows else None  # the trial's first seed run
     if not dirs or not run_id:
@@ -263,9 +268,13 @@ def write_report_html(
     store: Store | None = None,
     baseline: Mapping[str, Any] | None = None,
     analysis: Analysis | None = None,
+    workdir: Path | None = None,
 ) -> Path:
-    """Write the report to ``out`` (parents created) and return its path."""
-    analysis = analysis or analyse(study, metrics, directions, baseline)
+    """Write the report to ``out`` (parents created) and return its path. ``workdir``: the
+    work directory run directories are recorded relative to (default: the store's folder)."""
+    if workdir is None and store is not None:
+        workdir = store_work_root(store)
+    analysis = analysis or analyse(study, metrics, directions, baseline, workdir=workdir)
     md = ablation_markdown(
         study,
         metrics,
@@ -274,6 +283,7 @@ def write_report_html(
         design=analysis.design,
         sampler=analysis.sampler,
         analysis=analysis,
+        workdir=workdir,
     )
     # The effect plots go right after the tables they draw, before the best configuration's
     # config and the trial list.
@@ -296,7 +306,7 @@ def write_report_html(
     for i, (title, fig) in enumerate(rest):
         parts.append(f"<h2>{html.escape(title)}</h2>")
         parts.append(fig.to_html(full_html=False, include_plotlyjs=not first and i == 0))
-    parts.append(_gallery(study, metrics, store, trials))
+    parts.append(_gallery(study, metrics, store, trials, workdir))
     doc = (
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"
         f"<title>Study {html.escape(study.study_name)}</title><style>{_STYLE}</style></head>"

@@ -12,7 +12,11 @@ its seeds' final objectives, and each seed run is ingested into DuckDB.
 Trials are grouped by ``run_number``: the trial number whose run directory they use. A trial
 that was interrupted (Ctrl-C, or a runner that died) is re-queued with the same parameters and
 the same ``run_number``, so its retry resumes each seed's checkpoint in the same directories
-(a seed that finished is not trained again) and counts once towards ``trials``.
+(a seed that finished is not trained again) and counts once towards ``trials``. Every step of
+that hand-over is idempotent (:meth:`StudyRunner.recover_orphans`): a runner killed at any
+point leaves a state the next start completes, with no group lost or queued twice. A trainer
+killed from outside (the OOM killer, preemption) is relaunched from its checkpoint up to the
+study's ``retries`` times before its trial fails.
 
 Ask/tell is used rather than ``study.optimize`` so that the decision to start another trial
 and the ``ask`` happen under one lock: with several slots the study runs exactly ``trials``.
@@ -23,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
+import itertools
 import os
 import signal
 import socket
@@ -43,9 +47,11 @@ from rich.console import Console
 
 from harness.launch import Outcome, TrainerProcess
 from harness.live import StudyView
+from harness.optuna_attrs import copied_attrs, headline_attrs, set_metric_names_once
 from harness.spec import MODEL_REF_KEYS, SpecError, StudySpec
 from harness.store import Store, StoreError
-from trainers.rundir import RunDir
+from harness.workpaths import to_stored
+from trainers.rundir import RunDir, atomic_write_json, read_json
 
 # Heartbeats and stale-trial retries are marked experimental in Optuna 5 (stable since 2.8/2.9);
 # the warning says nothing a user can act on.
@@ -216,7 +222,8 @@ def _resolve_ref(spec: StudySpec, store: Store, key: str) -> StudySpec:
         )
     sign = 1.0 if directions[0] == "minimize" else -1.0
     best = min(done, key=lambda r: (sign * r["value"], r["number"]))
-    return spec.model_copy(update={"base": {**spec.base, key: best["run_dir"]}})
+    run_dir = str(store.run_dir_path(best["run_dir"]))  # recorded relative to the work dir
+    return spec.model_copy(update={"base": {**spec.base, key: run_dir}})
 
 
 class StudyRunner:
@@ -283,19 +290,47 @@ class StudyRunner:
             directions=list(spec.directions),
             load_if_exists=True,
         )
+        done = len(study.get_trials(deepcopy=False))
+        # Not GridSampler: it picks a grid point no trial has taken (from the storage, so it
+        # never repeats one), and its seed shuffles the grid: another seed, other grid ids.
+        if done and spec.optuna.seed is not None and spec.optuna.sampler != "grid":
+            study.sampler = self._sampler_after(done)
         # A grid or ofat design's configurations, or the file's optuna.enqueue: once per study,
         # under the same lock workers claim trials with, so that a second worker (or a rerun)
-        # finds trials there and enqueues nothing.
+        # finds them there and enqueues nothing. Each one that no trial was given yet (a runner
+        # killed half-way through this loop) is enqueued.
         first = spec.configurations() or spec.optuna.enqueue
         if first:
             with claim_lock(self.storage, self.url, spec.name):
-                if not study.get_trials(deepcopy=False):
-                    for params in first:
-                        study.enqueue_trial(dict(params))
+                given = [_given_params(t) for t in study.get_trials(deepcopy=False)]
+                for params in map(dict, first):
+                    # An enqueue entry may leave parameters to the sampler: a trial given a
+                    # superset of the entry's values is that entry's.
+                    match = next((g for g in given if params.items() <= g.items()), None)
+                    if match is None:
+                        study.enqueue_trial(params)
+                    else:
+                        given.remove(match)
         # The budget (trials) is left out so that asking for more trials is not a different study.
         stored = spec.model_dump(mode="json", exclude={"trials"})
+        if stored["optuna"].get("storage"):  # a password in the URL is never stored
+            from evaluators.redact import drop_password
+
+            stored["optuna"]["storage"] = drop_password(stored["optuna"]["storage"])
         self.store.create_study(spec.name, stored, spec.directions, spec.metrics)
+        set_metric_names_once(study, spec.metrics)  # optuna-dashboard: names, not "Objective 0"
         return study
+
+    def _sampler_after(self, trials: int) -> optuna.samplers.BaseSampler:
+        """The study's sampler for a study that already has ``trials`` trials. Seeded with
+        ``optuna.seed`` alone, a restarted runner's sampler would replay the random stream of
+        the first run and propose its configurations again (each then a repeat); seeded with
+        (seed, trials) it is as reproducible (the same history gives the same proposals) and
+        proposes new ones. A grid or ofat design enqueues its configurations and is unaffected."""
+        digest = hashlib.sha256(f"{self.spec.optuna.seed}:{trials}".encode()).digest()
+        seed = int.from_bytes(digest[:4], "big")
+        optuna_settings = self.spec.optuna.model_copy(update={"seed": seed})
+        return self.spec.model_copy(update={"optuna": optuna_settings}).make_sampler()
 
     def _group(self, t: optuna.trial.FrozenTrial) -> int:
         return int(t.user_attrs.get("run_number", t.number))
@@ -321,25 +356,112 @@ class StudyRunner:
 
     # -- orphans ------------------------------------------------------------------------------
     def recover_orphans(self, study: optuna.Study) -> None:
-        """RUNNING trials whose runner (on this host) is dead: stop their trainer (it
-        checkpoints), fail the trial and re-queue it so it resumes in the same run directory."""
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            trial_dir = self.work.run_dir(self.spec.name, self._group(t))
-            infos = [json.loads(p.read_text()) for p in sorted(trial_dir.glob(f"s*/{RUNNER_FILE}"))]
-            if not infos or any(
-                i.get("host") != self.host or _alive(i.get("runner_pid")) for i in infos
-            ):
-                continue  # another live runner owns it, or another host (heartbeats cover it)
-            for info in infos:  # every seed run's trainer checkpoints and exits
-                _stop_group(info.get("trainer_pid"))
-            reason = "interrupted: its runner died; re-queued to resume"
-            self.storage.set_trial_user_attr(t._trial_id, "error", reason)
+        """Make every interrupted trial resume, wherever its runner was killed.
+
+        - A RUNNING trial whose runner (on this host) is dead: its trainers are stopped (they
+          checkpoint), the trial is re-queued, then failed (:meth:`_recover_orphan`).
+        - A trial group whose latest trial failed to be re-queued but has no later trial (a
+          runner killed after failing it and before re-queueing it; or Optuna's stale-heartbeat
+          retry, which also fails first and enqueues second): it is re-queued.
+
+        Each step is safe to redo, a group gets a new trial only when it has no later one, and
+        it all runs under the claim lock (as asks do): a kill at any point leaves a state that
+        the next start completes, and no group is queued twice."""
+        with claim_lock(self.storage, self.url, self.spec.name):
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                self._recover_orphan(study, t)
+            self._requeue_lost(study)
+        self._sync_store(study)
+
+    def _sync_store(self, study: optuna.Study) -> None:
+        """A runner killed after telling Optuna how a trial ended and before writing it to the
+        store leaves the store's row ``running``: Optuna is the record, so copy its end."""
+        stored = {r["number"]: r["state"] for r in self.store.trials(self.spec.name)}
+        states = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned"}
+        states[TrialState.FAIL] = "failed"
+        for t in study.get_trials(deepcopy=False, states=tuple(states)):
+            if stored.get(t.number) == "running":
+                ended = t.datetime_complete.timestamp() if t.datetime_complete else time.time()
+                self.store.upsert_trial(
+                    self.spec.name,
+                    t.number,
+                    states[t.state],
+                    values=t.values if t.state == TrialState.COMPLETE else None,
+                    error=t.user_attrs.get("error"),
+                    ended_at=ended,
+                )
+
+    def _recover_orphan(self, study: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
+        group = self._group(t)
+        trial_dir = self.work.run_dir(self.spec.name, group)
+        # The seed runs' runner.json files of this trial (earlier trials of the group leave
+        # theirs until a seed is relaunched); a torn or empty one (a runner killed while
+        # writing it, before the write was atomic) says nothing.
+        infos = [
+            i
+            for p in sorted(trial_dir.glob(f"s*/{RUNNER_FILE}"))
+            if isinstance(i := read_json(p), dict) and i.get("trial", t.number) == t.number
+        ]
+        # The owner is recorded when the trial is asked, under the claim lock that is held
+        # here: a RUNNING trial without one was asked by a runner killed inside its claim.
+        owner = t.user_attrs.get("runner")
+        owners = [owner] if isinstance(owner, dict) else infos
+        if any(o.get("host") != self.host or _alive(o.get("runner_pid")) for o in owners):
+            return  # another live runner owns it, or another host (heartbeats cover it)
+        # Every seed run's trainer checkpoints and exits before the retry is queued, so the
+        # group never trains twice at once. A runner killed between launching a trainer and
+        # writing its runner.json left no pid: such a trainer is found by its --run-dir.
+        groups = {i.get("trainer_pid") for i in infos} | _trainer_groups(
+            sorted(trial_dir.glob("s*"))
+        )
+        for pgid in groups:
+            _stop_group(pgid)
+        reason = "interrupted: its runner died; re-queued to resume"
+        self.storage.set_trial_user_attr(t._trial_id, "error", reason)
+        self.storage.set_trial_user_attr(t._trial_id, "requeue", True)
+        # Queue the retry first, then fail the trial: killed in between, the trial is still
+        # RUNNING with a dead owner, and the next start only fails it (the group has a later
+        # trial); the other order is covered too (_requeue_lost).
+        self._requeue_once(study, t.number, _given_params(t), group)
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
             self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            self.store.upsert_trial(
-                self.spec.name, t.number, "failed", error=reason, ended_at=time.time()
-            )
-            self._requeue(study, t.params, self._group(t))
-            self.console.print(f"[yellow]trial {t.number}: its runner died; re-queued to resume")
+        self.store.upsert_trial(
+            self.spec.name, t.number, "failed", error=reason, ended_at=time.time()
+        )
+        self.console.print(f"[yellow]trial {t.number}: its runner died; re-queued to resume")
+
+    def _requeue_lost(self, study: optuna.Study) -> None:
+        """Re-queue each group whose latest trial is a FAIL meant to be retried."""
+        trials = study.get_trials(deepcopy=False)
+        latest: dict[int, optuna.trial.FrozenTrial] = {}
+        for t in trials:
+            latest[self._group(t)] = t  # trials come in number order: the last one wins
+        for group, t in latest.items():
+            if t.state != TrialState.FAIL:
+                continue
+            # "requeue": failed because it was interrupted (set before it was failed). No
+            # "error" at all: failed by Optuna's stale-heartbeat check, whose retry callback
+            # (up to 3 per trial, counted in retry_history) runs as a second step.
+            stale = "error" not in t.user_attrs and len(t.system_attrs.get("retry_history", [])) < 3
+            if t.user_attrs.get("requeue") or stale:
+                self._requeue_once(study, t.number, _given_params(t), group)
+                self.console.print(
+                    f"[yellow]trial {t.number} was interrupted and never re-queued; re-queued"
+                )
+
+    def _requeue_once(
+        self, study: optuna.Study, number: int, params: dict[str, Any], group: int
+    ) -> None:
+        """Queue a retry of trial ``number`` (same parameters, same run directory) unless its
+        group already has a later trial (the retry, queued before a kill). Callers hold the
+        claim lock, so two runners never both queue one."""
+        later = [
+            t
+            for t in study.get_trials(deepcopy=False)
+            if t.number > number and self._group(t) == group
+        ]
+        if not later:
+            self._requeue(study, params, group)
 
     def _requeue(self, study: optuna.Study, params: dict[str, Any], group: int) -> None:
         study.enqueue_trial(params, user_attrs={"run_number": group}, skip_if_exists=False)
@@ -435,6 +557,11 @@ class StudyRunner:
                 trial = study.ask()
             group = self._origin(study, trial)
             trial.set_user_attr("run_number", group)
+            # Who runs it, recorded inside the claim: recover_orphans (which holds the claim
+            # lock) then knows every RUNNING trial's owner, even one whose runner was killed
+            # before it launched any trainer.
+            trial.set_user_attr("runner", {"host": self.host, "runner_pid": os.getpid()})
+            self.storage.record_heartbeat(trial._trial_id)
             if group != trial.number:
                 self._inherit_sampler_attrs(study, trial, group)
         return self._start_job(study, trial, group)
@@ -491,7 +618,9 @@ class StudyRunner:
                 repeat=k,
             )
             seeds.append(SeedRun(k, config.seed, run, run_id))
-        trial.set_user_attr("run_dir", str(trial_dir))
+        # Relative to the work directory, which may be moved (harness/workpaths.py).
+        trial.set_user_attr("run_dir", to_stored(trial_dir, self.work.root))
+        trial.set_user_attr("workdir", str(self.work.root))  # workers sharing a storage
         trial.set_user_attr("config_hash", key)
         trial.set_user_attr("seeds", [s.seed for s in seeds])
         total = getattr(getattr(configs[0], "train", None), "steps", None)
@@ -560,6 +689,31 @@ class StudyRunner:
             self._finish(study, job, job.outcome(self.spec.repeats), _gpu_seconds(job, slot))
 
     def _train_seed(self, job: TrialJob, seed: SeedRun, slot: list[str] | None) -> Outcome:
+        """Train one seed run. A trainer that died without a status (killed from outside: the
+        OOM killer, preemption; or a crash) is relaunched from its checkpoint up to
+        ``retries`` times; one that failed and said why (a bad config, a non-finite loss)
+        would fail again and is not; nor is one stopped on purpose (pruning, Ctrl-C)."""
+        retries = self.spec.retries
+        for attempt in range(retries + 1):
+            outcome = self._launch_seed(job, seed, slot)
+            if not outcome.died or self.stopping.is_set():
+                return outcome
+            with self.lock:
+                if job.stopping or attempt == retries:
+                    break
+                job.retries += 1
+                total = job.retries
+            job.trial.set_user_attr("retries_used", total)
+            self.console.print(
+                f"[yellow]trial {job.trial.number} seed {seed.seed} (s{seed.k}): "
+                f"{outcome.reason}; retry {attempt + 1}/{retries} from its checkpoint"
+            )
+        if attempt:
+            outcome.reason += f" (after {attempt} retr{'y' if attempt == 1 else 'ies'})"
+        return outcome
+
+    def _launch_seed(self, job: TrialJob, seed: SeedRun, slot: list[str] | None) -> Outcome:
+        """Launch the seed run's trainer and follow it to its end."""
         proc = TrainerProcess(
             self.spec.trainer_info.module,
             seed.run.root,
@@ -572,16 +726,16 @@ class StudyRunner:
                 return Outcome("pruned" if job.pruned else "failed", "not started")
             proc.start()
             job.procs[seed.k] = proc
-        (seed.run.root / RUNNER_FILE).write_text(
-            json.dumps(
-                {
-                    "host": self.host,
-                    "runner_pid": os.getpid(),
-                    "trainer_pid": proc.proc.pid,
-                    "trial": job.trial.number,
-                    "seed": seed.seed,
-                }
-            )
+        # Atomic: recover_orphans reads it after a kill; a half-written one would say nothing.
+        atomic_write_json(
+            seed.run.root / RUNNER_FILE,
+            {
+                "host": self.host,
+                "runner_pid": os.getpid(),
+                "trainer_pid": proc.proc.pid,
+                "trial": job.trial.number,
+                "seed": seed.seed,
+            },
         )
         where = f"GPU {','.join(slot)}" if slot else "CPU"
         self.console.print(
@@ -607,8 +761,8 @@ class StudyRunner:
         original: optuna.trial.FrozenTrial,
         started: float,
     ) -> None:
-        for key in ("run_dir", "config_hash", "final_metrics", "seeds", "seed_values"):
-            trial.set_user_attr(key, original.user_attrs.get(key))
+        for key, value in copied_attrs(original.user_attrs, self.spec.metrics).items():
+            trial.set_user_attr(key, value)
         trial.set_user_attr("repeat_of", original.number)
         _tell(study, trial, values=original.values)
         self.store.upsert_trial(
@@ -673,7 +827,9 @@ class StudyRunner:
         its seeds' final objectives (the per-seed values in the ``seed_values`` attribute),
         pruned, failed (naming the seed), or interrupted (re-queued to resume)."""
         trial, ended = job.trial, time.time()
-        trial.set_user_attr("final_metrics", outcome.final)
+        # One attribute per objective / headline metric, not a blob of every metric.
+        for key, value in headline_attrs(outcome.final, self.spec.metrics).items():
+            trial.set_user_attr(key, value)
         common = dict(
             params=job.params,
             started_at=job.started,
@@ -705,9 +861,18 @@ class StudyRunner:
             _tell(study, trial, state=TrialState.PRUNED)
             self.store.upsert_trial(name, trial.number, "pruned", error=outcome.reason, **common)
             self.console.print(f"[cyan]trial {trial.number} pruned[/] ({outcome.reason})")
+        elif outcome.state == "interrupted":
+            # Flagged, re-queued, then failed, under the claim lock: a runner killed anywhere
+            # in between leaves a state the next start's recover_orphans completes.
+            trial.set_user_attr("error", outcome.reason)
+            trial.set_user_attr("requeue", True)
+            with claim_lock(self.storage, self.url, name):
+                self._requeue_once(study, trial.number, trial.params, job.group)
+                _tell(study, trial, state=TrialState.FAIL)
         else:
             trial.set_user_attr("error", outcome.reason)
             _tell(study, trial, state=TrialState.FAIL)
+        if outcome.state in ("failed", "interrupted"):
             self.store.upsert_trial(
                 name,
                 trial.number,
@@ -717,7 +882,6 @@ class StudyRunner:
                 **common,
             )
             if outcome.state == "interrupted":
-                self._requeue(study, trial.params, int(trial.user_attrs["run_number"]))
                 self.console.print(
                     f"[yellow]trial {trial.number} interrupted; it resumes on the next run"
                 )
@@ -764,6 +928,7 @@ class TrialJob:
         self.prune_reason = ""
         self.cause: tuple[int, Outcome] | None = None  # the first seed that did not complete
         self.seconds = 0.0
+        self.retries = 0  # relaunches of trainers that died (all seeds)
 
     def stop_siblings(self, pruned: bool, reason: str = "") -> None:
         """Stop every seed of this configuration: a pruned or failed seed ends it. Queued
@@ -845,7 +1010,40 @@ def _fmt(d: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items())
 
 
+def _given_params(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """The parameters a trial was given: those it suggested and, for a trial taken from the
+    queue (a design's configuration, a retry) and killed before it suggested them, the queued
+    ones (Optuna keeps them in the ``fixed_params`` system attribute)."""
+    return {**t.system_attrs.get("fixed_params", {}), **t.params}
+
+
+def _trainer_groups(run_dirs: list[Path]) -> set[int]:
+    """Process groups of the trainers running in ``run_dirs``, found by the ``--run-dir DIR``
+    of their command line (Linux ``/proc``; elsewhere none are found)."""
+    wanted = {d.resolve() for d in run_dirs}
+    found: set[int] = set()
+    if not wanted or not Path("/proc").is_dir():
+        return found
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            for flag, value in itertools.pairwise(args):
+                if flag == "--run-dir":
+                    where = Path(value)
+                    if not where.is_absolute():
+                        where = Path(os.readlink(entry / "cwd")) / where
+                    if where.resolve() in wanted:
+                        found.add(os.getpgid(int(entry.name)))
+        except (OSError, ProcessLookupError):  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
 def _alive(pid: int | None) -> bool:
+    """Whether process ``pid`` runs. A zombie does not: a killed runner's trainer is reparented
+    to the container's PID 1, which may never reap it."""
     if not pid:
         return False
     try:
@@ -854,7 +1052,11 @@ def _alive(pid: int | None) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # Linux: the state letter follows the parenthesised command name
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rfind(")") + 2 : stat.rfind(")") + 3] != "Z"
 
 
 def _stop_group(pid: int | None, timeout: float = 120) -> None:

@@ -495,6 +495,7 @@ _TOP_KEYS = (
     "resources",
     "baseline",
     "repeats",
+    "retries",
     "design",
 )
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -523,6 +524,10 @@ class StudySpec(BaseModel):
     other trial needs to reach the baseline's final objective."""
     repeats: int = 1
     """Training seeds per configuration: seed k (0-based) trains with ``base.seed + k``."""
+    retries: int = 1
+    """Times a seed run's trainer that died without a status (killed from outside: the OOM
+    killer, preemption; or crashed) is relaunched from its checkpoint before the trial fails.
+    A failure the trainer reports itself (bad config, non-finite loss) is never retried."""
     design: Design = "search"
     """How configurations are chosen (:data:`DESIGNS`)."""
     path: Path
@@ -631,6 +636,8 @@ class StudySpec(BaseModel):
 
     def summary(self) -> str:
         """A few lines for ``harness study check``."""
+        from evaluators.redact import redact_url
+
         o, r = self.optuna, self.resources
         devices = r.devices if isinstance(r.devices, str) else f"GPUs {list(r.devices)}"
         width = max(len(n) for n in self.search)
@@ -642,7 +649,7 @@ class StudySpec(BaseModel):
             f"  design:    {self.design} ({DESIGNS[self.design]})",
             f"  trials:    {self.trials} configuration(s) x {self.repeats} seed(s) {self.seeds()}",
             f"  optuna:    sampler {o.sampler}, pruner {o.pruner}, seed {o.seed}, "
-            f"storage {o.storage or 'default (local file)'}",
+            f"storage {redact_url(o.storage) if o.storage else 'default (local file)'}",
             f"  resources: devices {devices}, {r.trials_per_device} trial(s) per device, "
             f"{r.gpus_per_trial} GPU(s) per trial",
             f"  search:    {len(self.search)} parameter(s)",
@@ -1249,6 +1256,12 @@ def _parse_document(doc: dict[str, Any], path: Path, files: list[Path]) -> Study
             valid = {n: s for n, s in search.items() if n not in bad_paths}
             _trainer_problems(base, valid, trainer, problems)
     design, repeats = doc.get("design", "search"), doc.get("repeats", 1)
+    retries = doc.get("retries", 1)
+    if not (type(retries) is int and 0 <= retries <= 100):
+        problems.append(
+            "retries: expected an integer from 0 to 100 (relaunches of a trainer killed from "
+            f"outside, e.g. by the OOM killer, before its trial fails), got {_show(retries)}"
+        )
     problems += _design_problems(design, repeats, search, baseline, opt)
     if problems:
         raise SpecError(path, problems)
@@ -1263,6 +1276,7 @@ def _parse_document(doc: dict[str, Any], path: Path, files: list[Path]) -> Study
         resources=res,
         baseline=baseline,
         repeats=repeats,
+        retries=retries,
         design=design,
         path=path.resolve(),
         sources=tuple(files),
@@ -1337,13 +1351,92 @@ def _fix_design_trials(spec: StudySpec, trials: Any) -> StudySpec:
     return spec.model_copy(update={"trials": len(configs)})
 
 
-def load_study(path: str | Path) -> StudySpec:
+def load_study(path: str | Path, overrides: Sequence[str] = ()) -> StudySpec:
     """Read, merge (``include:``) and validate a study file.
 
+    ``overrides``: ``KEY=VALUE`` strings (``harness study run --set``) applied to the merged
+    document before validation (:func:`apply_overrides`), so they are validated like the file.
     Raises :class:`SpecError` listing every problem found, each naming its key path.
     """
     given = Path(path)
     resolved = given.resolve()
     doc, files = _read_study(resolved, (), given)
     base_files = [doc["base"].path] if isinstance(doc.get("base"), _BaseFile) else []
-    return _parse_document(doc, given, [*files, *base_files])
+    if not overrides:
+        return _parse_document(doc, given, [*files, *base_files])
+    set_keys = apply_overrides(doc, overrides, given)
+    try:
+        return _parse_document(doc, given, [*files, *base_files])
+    except SpecError as err:  # say which problems the overrides caused
+        raise SpecError(err.source, [_blame(p, set_keys) for p in err.problems]) from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` -> (dotted key, value parsed as a YAML scalar or flow list/mapping:
+    ``100`` is an int, ``1e-3`` a float, ``true`` a bool, ``null`` None, ``[a, b]`` a list,
+    anything else a string). Raises ValueError naming the problem."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(f"--set {text!r}: expected KEY=VALUE, e.g. --set base.train.steps=100")
+    if any(not part for part in key.split(".")):
+        raise ValueError(f"--set {text!r}: {key!r} has an empty part; use a dotted path")
+    try:
+        # YAML 1.1 reads 1e-3 as a string; the study files' loader reads it as a float.
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        problem = str(err).splitlines()[0]
+        raise ValueError(f"--set {text!r}: the value is not valid YAML ({problem})") from None
+    return key, value
+
+
+def apply_overrides(doc: dict[str, Any], overrides: Sequence[str], source: Path) -> list[str]:
+    """Set each ``KEY=VALUE`` of ``overrides`` in the merged study document ``doc`` (in place)
+    and return the keys set. A dotted key follows the file's structure; keys that contain dots
+    themselves (parameter names under ``search:``, ``baseline:``) are matched whole, e.g.
+    ``search.timesteps.shift.high=3`` or ``baseline.timesteps.sampler=uniform``. Raises
+    :class:`SpecError` for a malformed override or a path through a non-mapping value."""
+    problems: list[str] = []
+    keys: list[str] = []
+    for text in overrides:
+        try:
+            key, value = parse_override(text)
+        except ValueError as err:
+            problems.append(str(err))
+            continue
+        problem = _set_override(doc, key, value)
+        if problem:
+            problems.append(f"--set {text!r}: {problem}")
+        keys.append(key)
+    if problems:
+        raise SpecError(source, problems)
+    return keys
+
+
+def _set_override(doc: dict[str, Any], key: str, value: Any) -> str | None:
+    parts = key.split(".")
+    node: Any = doc
+    i, walked = 0, []
+    while True:
+        if isinstance(node, _BaseFile):  # base: PATH; an override edits the loaded config
+            node = node.data
+        if not isinstance(node, dict):
+            where = ".".join(walked)
+            return f"{where} is {_show(node)}, not a mapping, so it has no key {parts[i]!r}"
+        # The longest run of parts that is an existing key: search parameters are dotted.
+        n = next((n for n in range(len(parts) - i, 1, -1) if ".".join(parts[i : i + n]) in node), 1)
+        part = ".".join(parts[i : i + n])
+        if i + n == len(parts):
+            node[part] = value
+            return None
+        walked.append(part)
+        if node.get(part) is None:
+            node[part] = {}
+        node, i = node[part], i + n
+
+
+def _blame(problem: str, keys: Sequence[str]) -> str:
+    """A validation problem, marked when an override set its key (or a key under it)."""
+    path = problem.split(":", 1)[0]
+    hits = [k for k in keys if path == k or path.startswith(k + ".") or k.startswith(path + ".")]
+    return f"{problem} (set by --set {hits[0]})" if hits else problem

@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import duckdb
 import numpy as np
 
 from harness.arena import NOT_GOLD
@@ -99,15 +100,14 @@ class _Pool:
         return sorted(c for c in self.keys if self.gold.get(c) != "bad")
 
 
-def _pool(store: Store) -> _Pool:
-    with store.read() as con:
-        renders = con.execute(
-            "SELECT contestant_id, prompt_id, seed, prompt, category FROM renders"
-        ).fetchall()
-        flags = con.execute(
-            "SELECT contestant_id, extra->>'$.gold' FROM contestants "
-            "WHERE extra->>'$.gold' IN ('good', 'bad')"
-        ).fetchall()
+def _pool(con: duckdb.DuckDBPyConnection) -> _Pool:
+    renders = con.execute(
+        "SELECT contestant_id, prompt_id, seed, prompt, category FROM renders"
+    ).fetchall()
+    flags = con.execute(
+        "SELECT contestant_id, extra->>'$.gold' FROM contestants "
+        "WHERE extra->>'$.gold' IN ('good', 'bad')"
+    ).fetchall()
     keys: dict[str, set[tuple[int, int]]] = {}
     prompts: dict[tuple[int, int], tuple[str, str | None]] = {}
     for cid, pid, seed, prompt, category in renders:
@@ -126,11 +126,12 @@ def plan_pairs(
     from evaluators.ratings import PairCounts, aggregate, next_pairs
 
     rng = rng or random.Random()
-    pool = _pool(store)
-    names = pool.regular
-    if len(names) < 2:
-        return []
+    # One read for everything: each store operation attaches the file anew.
     with store.read() as con:
+        pool = _pool(con)
+        names = pool.regular
+        if len(names) < 2:
+            return []
         battles = con.execute(
             "SELECT left_id, right_id, outcome FROM comparisons "
             f"WHERE rater_kind = 'human' AND {NOT_GOLD} "

@@ -162,6 +162,28 @@ class RepaConfig(Strict):
     """Hidden width of the three-layer SiLU MLP projector (the paper uses 2048)."""
 
 
+TrackerName = Literal["tensorboard", "wandb"]
+
+
+class LogConfig(Strict):
+    """Where metrics go besides ``metrics.jsonl`` (which is always written: the harness reads
+    it). Not part of a config's identity (:func:`config_hash` leaves it out): changing the
+    trackers of a run does not change what it trains, and a resumed run may change them."""
+
+    trackers: list[TrackerName] = Field(default_factory=lambda: ["tensorboard"])
+    """``tensorboard``: event files under ``<run dir>/tensorboard/``; ``wandb``: a Weights &
+    Biases run (the ``wandb`` package must be installed; ``WANDB_API_KEY``, ``WANDB_MODE``,
+    ``WANDB_PROJECT``, ``WANDB_ENTITY`` come from the environment, offline when neither a key
+    nor a mode is set); ``[]``: metrics.jsonl only."""
+
+    @field_validator("trackers")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"log.trackers lists a tracker twice: {v}")
+        return v
+
+
 class FlowConfig(Strict):
     trainer: Literal["flow"] = "flow"
     seed: int = 0
@@ -173,6 +195,7 @@ class FlowConfig(Strict):
     sample: SampleConfig = SampleConfig()
     eval: EvalConfig = EvalConfig()
     repa: RepaConfig = RepaConfig()
+    log: LogConfig = LogConfig()
 
     @model_validator(mode="after")
     def _repa_backbone(self) -> FlowConfig:
@@ -190,6 +213,8 @@ class FlowConfig(Strict):
         # their hash and their run directories still resume.
         if self.repa == RepaConfig():
             data.pop("repa")
+        if self.log == LogConfig():  # likewise: config.json stays as it was by default
+            data.pop("log")
         return data
 
     def hash(self) -> str:
@@ -199,7 +224,9 @@ class FlowConfig(Strict):
 
 def config_hash(data: dict[str, Any]) -> str:
     """16 hex digits of sha256 over ``data`` as canonical JSON (sorted keys): every trainer
-    config's identity (its run directory refuses another)."""
+    config's identity (its run directory refuses another). The ``log`` section (trackers) is
+    left out: it changes where metrics are copied, not what is trained."""
+    data = {k: v for k, v in data.items() if k != "log"}
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

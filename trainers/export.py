@@ -188,18 +188,22 @@ class ExportedModel:
         prompts: Sequence[str],
         seeds: Sequence[int],
         *,
-        steps: int = 25,
-        solver: str = "euler",
-        guidance: float = 3.0,
+        steps: int | None = None,
+        solver: str | None = None,
+        guidance: float | None = None,
         shift: float | None = None,
     ) -> torch.Tensor:
         """Images in [-1, 1], [N, 3, H, W]; one per (prompt, seed) pair, zipped.
 
-        A distilled student (``harness.json`` has ``distill``) samples with its own method's
-        sampler and no guidance (it was distilled into it): ``solver`` and ``guidance`` must then
-        be left at their defaults or match (euler / the student's sampler, 1.0)."""
+        A flow model: ``steps`` (default 25) of ``solver`` (``euler`` default, ``heun``) with
+        classifier-free ``guidance`` (default 3.0). A distilled student (``harness.json`` has
+        ``distill``) samples with its own method's sampler and no guidance (the teacher's was
+        distilled into it); ``steps`` defaults to the steps it was distilled to. Asking a
+        student for a guidance other than 1.0 or a solver other than its own sampler raises
+        ValueError instead of silently ignoring it."""
         distilled = self.meta.get("distill")
         if distilled:
+            check_student_arguments(distilled, solver, guidance)
             return generate_student(
                 self.denoiser,
                 self.text_encoder,
@@ -207,7 +211,7 @@ class ExportedModel:
                 seeds,
                 self.latent_shape,
                 sampler=distilled["sampler"],
-                steps=steps,
+                steps=int(steps or distilled.get("steps") or 1),
                 shift=self.shift if shift is None else shift,
                 vae=self.vae,
             )
@@ -217,11 +221,35 @@ class ExportedModel:
             prompts,
             seeds,
             self.latent_shape,
-            steps=steps,
-            solver=solver,
-            guidance=guidance,
+            steps=25 if steps is None else steps,
+            solver=solver or "euler",
+            guidance=3.0 if guidance is None else guidance,
             shift=self.shift if shift is None else shift,
             vae=self.vae,
+        )
+
+
+def check_student_arguments(
+    distilled: dict[str, Any], solver: str | None, guidance: float | None
+) -> None:
+    """Refuse sampling arguments a distilled student cannot honour (``distilled``: the
+    ``distill`` record of its ``harness.json``): it samples with its own sampler and without
+    classifier-free guidance, so another solver or a guidance other than 1.0 (none) would be
+    silently ignored."""
+    what = (
+        f"this model is distilled ({distilled.get('method')}, {distilled.get('steps')} steps, "
+        f"teacher guidance {distilled.get('guidance')} distilled in)"
+    )
+    if guidance is not None and float(guidance) != 1.0:
+        raise ValueError(
+            f"guidance={guidance}: {what}; it samples without classifier-free guidance, so "
+            "leave guidance unset (or 1.0)"
+        )
+    own = distilled.get("sampler")
+    if solver is not None and solver not in (own, *(("euler",) if own == "ode" else ())):
+        raise ValueError(
+            f"solver={solver!r}: {what}; it samples with its own {own!r} sampler"
+            f"{' (Euler)' if own == 'ode' else ''}, so leave solver unset"
         )
 
 

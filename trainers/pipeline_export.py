@@ -411,7 +411,7 @@ class HarnessFlowPipeline(DiffusionPipeline):
         seeds: int | list[int] | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
-        solver: str = "euler",
+        solver: str | None = None,
         shift: float | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -426,7 +426,8 @@ class HarnessFlowPipeline(DiffusionPipeline):
             num_inference_steps: solver steps (default 25; a student's own step count).
             guidance_scale: classifier-free guidance weight against ``""`` (default 3.0). A
                 distilled student samples without guidance: leave it None (or 1.0).
-            solver: ``euler`` or ``heun`` (flow models; a student uses its own sampler).
+            solver: ``euler`` (default) or ``heun`` for a flow model; a student samples with its
+                own sampler: leave it None (or name that sampler).
             shift: the time-grid shift (default: the scheduler's, i.e. the training shift).
             output_type: ``pil``, ``np`` (float [0, 1], NHWC), ``pt`` (float [0, 1], NCHW) or
                 ``latent`` (the samples before the VAE, unclamped).
@@ -446,12 +447,18 @@ class HarnessFlowPipeline(DiffusionPipeline):
         if student is not None:
             if guidance_scale not in (None, 1.0):
                 raise ValueError(
-                    "this is a distilled student: it samples without guidance (distilled into "
-                    "it); leave guidance_scale unset"
+                    f"guidance_scale={guidance_scale}: this is a distilled student, it samples "
+                    "without guidance (the teacher's was distilled into it); leave "
+                    "guidance_scale unset"
                 )
-            if solver != "euler":
-                raise ValueError(f"this is a distilled student: it samples with {student!r}")
-        if solver not in SOLVERS:
+            if solver not in (None, student, *(("euler",) if student == "ode" else ())):
+                raise ValueError(
+                    f"solver={solver!r}: this is a distilled student, it samples with its own "
+                    f"{student!r} sampler{' (Euler)' if student == 'ode' else ''}; leave solver "
+                    "unset"
+                )
+        solver = solver or "euler"
+        if student is None and solver not in SOLVERS:
             raise ValueError(f"unknown solver {solver!r}; allowed: {', '.join(SOLVERS)}")
         default_steps = cfg.student_steps if student is not None and cfg.student_steps else 25
         steps = int(num_inference_steps or default_steps)

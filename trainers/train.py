@@ -40,7 +40,7 @@ import torch.distributed as dist
 from diffusers.training_utils import EMAModel
 from torch import nn
 
-from trainers.config import ConfigError, FlowConfig, load_config
+from trainers.config import ConfigError, FlowConfig, LogConfig, load_config
 from trainers.errors import DataError, WeightsError
 from trainers.export import save_export, state_dict_hash
 from trainers.flow import FlowGenerators, FlowLoss, flow_matching_loss, grid_flow_loss
@@ -51,6 +51,7 @@ from trainers.rundir import RunDir
 from trainers.sampling import generate_images, solver_nfe
 from trainers.text import TextEmbeddings, build_text_encoder, split_words
 from trainers.timesteps import resolve_shift
+from trainers.trackers import close_trackers, open_trackers
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 _CPU = torch.device("cpu")
@@ -790,7 +791,18 @@ class Session:
             _check_config_matches(cfg, run, dist_)
             self.trainer = trainer = self.make_trainer(cfg, run, dist_)
             resumed = trainer.try_resume()
+            if dist_.main and not resumed:
+                # A killed attempt that never checkpointed leaves records past step 0 (maybe a
+                # torn last line): this attempt redoes them from the start.
+                run.truncate_after(0)
             if dist_.main:
+                # log.trackers (TensorBoard, W&B): mirrors of every metric logged through run.
+                run.trackers = open_trackers(
+                    getattr(cfg, "log", LogConfig()).trackers,
+                    run.root,
+                    config=cfg.to_dict(),
+                    resume_step=trainer.step if resumed else 0,
+                )
                 run.clear_status()
                 n = count_parameters(trainer.net.denoiser)
                 what = f"resuming at step {trainer.step}" if resumed else "starting"
@@ -826,9 +838,21 @@ class Session:
             return self.fail(
                 f"{'out of memory: ' if oom else ''}{type(err).__name__}: {err}", EXIT_FAILED
             )
+        finally:
+            close_trackers(run.trackers)
+            run.trackers = []
 
     def fail(self, reason: str, code: int) -> int:
         print(f"error: {reason}", file=sys.stderr, flush=True)
+        try:
+            prior = self.run.read_status()
+        except ValueError:  # a damaged status.json: replaced below like any other
+            prior = None
+        if isinstance(prior, dict) and prior.get("status") == "ok":
+            # run_to_end clears the status once it resumed, so "ok" still there means this launch
+            # never started (a finished run relaunched, e.g. on a corrupt checkpoint): keep it.
+            print(f"note: {self.run.status} still says ok; left unchanged", file=sys.stderr)
+            return code
         if self.dist.main:
             self.run.create()
             self.run.write_status("failed", self.step, reason)

@@ -10,6 +10,7 @@ from typing import Any
 import streamlit as st
 
 from app import common
+from evaluators.redact import redact_text, redact_url
 from harness import app_data as data
 
 
@@ -44,11 +45,19 @@ def _report(db: str, workdir: str, name: str) -> dict[str, Any]:
     try:
         study = optuna.load_study(study_name=name, storage=url)
     except Exception as err:  # a missing study, an unreachable database: say so, keep the page
-        return {"error": f"Optuna study {name!r} could not be read from {url}: {err}"}
+        where, why = redact_url(url), redact_text(str(err))
+        return {"error": f"Optuna study {name!r} could not be read from {where}: {why}"}
     design = spec.get("design", "search")
     sampler = (spec.get("optuna") or {}).get("sampler", "tpe")
     analysis = analyse(
-        study, metrics, directions, spec.get("baseline"), design, sampler, spec.get("repeats")
+        study,
+        metrics,
+        directions,
+        spec.get("baseline"),
+        design,
+        sampler,
+        spec.get("repeats"),
+        workdir=Path(workdir),  # run directories are recorded relative to it
     )
     figs = _effect_figures(analysis)
     if design == "search":  # a fixed design's history and slices say nothing (report_html)

@@ -3,11 +3,11 @@ arena's contestants, raters, pairwise comparisons and renders, image-metric scor
 judges' answers. Every write to the file is a :class:`Store` method.
 
 Concurrency contract (:mod:`harness.store.core`): DuckDB 2.0 locks the whole file for any
-read-write opener and blocks even read-only openers while it is held, so there is no
-long-lived connection. Every operation opens the file, runs one short transaction, commits and
-closes, holding an flock on the sidecar ``<file>.lock`` meanwhile; opening is retried with
-backoff while another process holds the file, up to ``Store(timeout=...)`` seconds, then
-:class:`StoreBusyError` names the file and the holder.
+read-write opener and blocks even read-only openers while it is held, so no process keeps the
+file. Every operation attaches it, runs one short transaction, commits and detaches, holding an
+flock on the sidecar ``<file>.lock`` meanwhile; attaching is retried with backoff while another
+process holds the file, up to ``Store(timeout=...)`` seconds, then :class:`StoreBusyError`
+names the file and the holder. Notebooks and other long readers use :func:`open_snapshot`.
 
 The methods are grouped by table: :mod:`~harness.store.runs` (studies, trials, runs,
 metrics, samples, run-directory ingest), :mod:`~harness.store.arena` (contestants, raters,
@@ -47,9 +47,11 @@ from harness.store.arena import (
 from harness.store.core import (
     DEFAULT_TIMEOUT_S,
     LockStats,
+    NotAStoreError,
     SchemaVersionError,
     StoreBusyError,
     StoreError,
+    open_snapshot,
 )
 from harness.store.judgments import JudgmentTable
 from harness.store.runs import SAMPLE_COLUMNS, IngestError, IngestResult, RunTables
@@ -80,6 +82,7 @@ __all__ = [
     "IngestError",
     "IngestResult",
     "LockStats",
+    "NotAStoreError",
     "RaterError",
     "RaterKind",
     "SchemaVersionError",
@@ -90,6 +93,7 @@ __all__ = [
     "check_rater_kind",
     "comparison_hash",
     "decode_json",
+    "open_snapshot",
 ]
 
 

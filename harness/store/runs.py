@@ -27,6 +27,7 @@ from harness.store.core import (
     _scalar,
 )
 from harness.store.schema import DIRECTIONS, TRIAL_STATES, Direction, TrialState
+from harness.workpaths import resolve_run_dir, store_work_root, to_stored
 
 
 class IngestError(StoreError, ValueError):
@@ -189,11 +190,12 @@ class RunTables(StoreCore):
         trial: int | None = None,
         repeat: int | None = None,
     ) -> None:
-        """Record a run: its directory (stored absolute), resolved config and config hash, and
-        the study trial it belongs to (None for a run trained by hand) with its seed index
-        ``repeat`` (its training seed is the config's ``seed``). Registering the same
-        run again updates its directory and fills in study/trial; a different config hash for
-        an existing run_id is an error (a run's config never changes)."""
+        """Record a run: its directory (stored relative to the store's folder, the work
+        directory, when inside it, else absolute: :mod:`harness.workpaths`), resolved config
+        and config hash, and the study trial it belongs to (None for a run trained by hand)
+        with its seed index ``repeat`` (its training seed is the config's ``seed``). Registering
+        the same run again updates its directory and fills in study/trial; a different config
+        hash for an existing run_id is an error (a run's config never changes)."""
         config_json = _json(dict(config), f"run {run_id!r} config")
         with self.transaction() as con:
             row = con.execute("SELECT config_hash FROM runs WHERE run_id = ?", [run_id]).fetchone()
@@ -217,7 +219,7 @@ class RunTables(StoreCore):
                     run_id,
                     study,
                     trial,
-                    str(Path(run_dir).resolve()),
+                    to_stored(run_dir, store_work_root(self)),
                     config_json,
                     config_hash,
                     time.time(),
@@ -258,7 +260,7 @@ class RunTables(StoreCore):
                     "seed) VALUES (?, ?, ?, ?, ?, ?)",
                     [
                         run_id,
-                        str(run.root.resolve()),
+                        to_stored(run.root, store_work_root(self)),
                         _json(config, f"{run.config}"),
                         str(config.get("config_hash", "")),
                         time.time(),
@@ -271,6 +273,11 @@ class RunTables(StoreCore):
         return IngestResult(
             len(metrics), m_new, m_changed - m_new, len(samples), s_new, s_changed - s_new
         )
+
+    def run_dir_path(self, stored: str | Path) -> Path:
+        """Where a ``runs.run_dir`` value is now: relative ones under this store's work
+        directory, old absolute ones as they are or re-rooted (:func:`resolve_run_dir`)."""
+        return resolve_run_dir(stored, store_work_root(self))
 
     def metrics(self, run_id: str, name: str | None = None) -> list[dict[str, Any]]:
         """The run's metric rows (``run_id, step, name, value, time``) ordered by step and name,

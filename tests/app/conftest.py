@@ -29,5 +29,7 @@ def arena(
     work.mkdir()
     for name in ("harness.duckdb", "optuna.db"):
         shutil.copy(arena_template.workdir / name, work / name)
+    # Run directories are recorded relative to the work directory: link the shared ones in.
+    (work / "runs").symlink_to(arena_template.workdir / "runs", target_is_directory=True)
     monkeypatch.setenv("HARNESS_WORKDIR", str(work))
     yield replace(arena_template, workdir=work, store=Store(work / "harness.duckdb"))

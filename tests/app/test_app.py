@@ -199,3 +199,43 @@ def test_a_missing_render_is_skipped_not_a_crash(arena, monkeypatch) -> None:
     at = _app("views/rate.py", token=arena.token)
     assert any("image is missing" in w.value for w in at.warning)
     assert not [b for b in at.button if b.key in ("vote_left", "vote_right")]
+
+
+@pytest.mark.parametrize("page", [None, "views/rate.py", "views/studies.py", "views/runs.py"])
+def test_a_file_that_is_not_a_store_shows_a_clean_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, page: str | None
+) -> None:
+    """harness.duckdb holding garbage: every page says so in one message, no traceback, and
+    the file stays as it was."""
+    db = tmp_path / "harness.duckdb"
+    db.write_bytes(b"this is not a DuckDB file\n" * 50)
+    before = db.read_bytes()
+    monkeypatch.setenv("HARNESS_WORKDIR", str(tmp_path))
+    at = _app(page)
+    assert at.error, "no error shown"
+    text = " ".join(e.value for e in at.error)
+    assert "is not a harness store" in text and str(db) in text
+    assert "Traceback" not in text
+    assert db.read_bytes() == before
+    from streamlit import config
+
+    assert config.get_option("client.showErrorDetails") == "none"  # set by app/main.py
+
+
+def test_harness_app_listens_locally_and_hides_error_details(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`harness app` starts Streamlit on 127.0.0.1 unless told otherwise, and with
+    client.showErrorDetails off, so a page that fails shows no traceback to a rater."""
+    from typer.testing import CliRunner
+
+    from harness import cli
+
+    commands: list[list[str]] = []
+    monkeypatch.setattr(cli, "_serve", lambda command, env: commands.append(command) or 0)
+    for extra, address in (([], "127.0.0.1"), (["--address", "0.0.0.0"], "0.0.0.0")):
+        result = CliRunner().invoke(cli.app, ["app", "--workdir", str(tmp_path), *extra])
+        assert result.exit_code == 0, result.output
+        flags = dict(zip(commands[-1], commands[-1][1:], strict=False))
+        assert flags["--server.address"] == address
+        assert flags["--client.showErrorDetails"] == "none"

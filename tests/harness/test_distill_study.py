@@ -119,7 +119,8 @@ def test_distill_study_on_the_best_teacher_then_arena(tmp_path: Path) -> None:
     for r in students:
         cfg = store.query("SELECT config FROM runs WHERE run_id = ?", [r["run_id"]])[0]["config"]
         teacher_dir = store.query("SELECT run_dir FROM runs WHERE run_id = ?", [best["run_id"]])
-        assert json.loads(cfg)["teacher"] == teacher_dir[0]["run_dir"]
+        # The store records it relative to the work dir; the trainer is given it absolute.
+        assert json.loads(cfg)["teacher"] == str(store.run_dir_path(teacher_dir[0]["run_dir"]))
 
     added = add_run_contestants(store, [best["run_id"]], steps=[1, 4], guidance=1.5)
     added += add_run_contestants(store, [r["run_id"] for r in students], steps=[1])

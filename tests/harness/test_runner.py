@@ -207,7 +207,7 @@ def test_pruned_trial_gets_sigterm_and_is_recorded_as_pruned(tmp_path: Path, mon
     study = StudyRunner(load_study(study_file), tmp_path / "work").run()
     (trial,) = study.trials
     assert trial.state == optuna.trial.TrialState.PRUNED
-    run = Path(trial.user_attrs["run_dir"]) / "s0"
+    run = tmp_path / "work" / trial.user_attrs["run_dir"] / "s0"  # relative to the work dir
     status = json.loads((run / "status.json").read_text())
     assert status["status"] == "stopped" and status["step"] < 400  # stopped early by SIGTERM
     assert (run / "checkpoints" / "latest.pt").exists()
@@ -314,8 +314,10 @@ def test_repeats_train_each_configuration_per_seed_and_optuna_sees_the_mean(
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
     store = Store(work / "harness.duckdb")
     for t in study.trials:
-        root = Path(t.user_attrs["run_dir"])
-        assert t.user_attrs["seeds"] == [0, 1] and root.is_absolute()  # readable from any cwd
+        # Relative to the work directory, which may be moved (tests/harness/test_relocate.py).
+        assert t.user_attrs["run_dir"] == f"runs/seeds/{t.number:04d}"
+        root = work / t.user_attrs["run_dir"]
+        assert t.user_attrs["seeds"] == [0, 1]
         configs = [json.loads((root / f"s{k}" / "config.json").read_text()) for k in (0, 1)]
         assert [c["seed"] for c in configs] == [0, 1]
         per_seed = t.user_attrs["seed_values"]["domain_fid"]
@@ -331,7 +333,7 @@ def test_repeats_train_each_configuration_per_seed_and_optuna_sees_the_mean(
     assert store.query("SELECT count(*) AS n FROM eval_images")[0]["n"] > 0
     # Seed k of both configurations started from the same weights (common random numbers) and
     # the two configurations differ: their seed-0 runs are not copies of each other.
-    a, b = (Path(t.user_attrs["run_dir"]) for t in study.trials)
+    a, b = (work / t.user_attrs["run_dir"] for t in study.trials)
     assert (a / "s0" / "stdout.log").exists() and (b / "s1" / "stdout.log").exists()
     # The report pairs the seeds: two seeds give an interval.
     res = CliRunner().invoke(app, ["study", "report", "seeds", "--workdir", str(work), "--json"])

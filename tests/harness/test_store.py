@@ -151,7 +151,7 @@ def test_other_open_errors_are_not_retried(tmp_path: Path):
     path = tmp_path / "not-a-database.duckdb"
     path.write_bytes(b"this is not a DuckDB file" * 200)
     start = time.monotonic()
-    with pytest.raises(duckdb.Error) as err:
+    with pytest.raises(StoreError, match="is not a harness store") as err:
         Store(path, timeout=30)
     assert not isinstance(err.value, StoreBusyError)
     assert time.monotonic() - start < 5
@@ -217,7 +217,9 @@ def test_register_run(store: Store, tmp_path: Path):
     store.register_run("r", tmp_path / "r", {"lr": 1e-3}, "abc", study="s", trial=3)
     (run,) = store.query("SELECT * FROM runs")
     assert (run["study"], run["trial"], run["config_hash"]) == ("s", 3, "abc")
-    assert run["run_dir"] == str((tmp_path / "r").resolve())
+    # Relative to the store's folder (the work directory) when inside it, else absolute.
+    assert run["run_dir"] == ("r" if not store.memory else str((tmp_path / "r").resolve()))
+    assert store.run_dir_path(run["run_dir"]) == (tmp_path / "r").resolve()
     assert json.loads(run["config"]) == {"lr": 1e-3}
     with pytest.raises(StoreError, match="config hash abc, not def"):
         store.register_run("r", tmp_path / "r", {"lr": 2e-3}, "def")

@@ -111,8 +111,16 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 f"{self.caption_column!r}, e.g. {_EXAMPLE}"
             )
         entries = []
-        with self.metadata_file.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
+        with self.metadata_file.open("rb") as fh:  # decoded per line: an error names its line
+            for lineno, raw in enumerate(fh, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(
+                        f"{self.metadata_file} line {lineno} is not UTF-8 text (byte "
+                        f"{raw[err.start]:#04x} at column {err.start + 1}); save the file as "
+                        "UTF-8, e.g. `iconv -f latin1 -t utf-8`"
+                    ) from None
                 if not line.strip():
                     continue
                 entries.append(self._parse_line(lineno, line))

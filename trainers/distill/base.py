@@ -179,8 +179,12 @@ def teacher_pairs(
     from the training captions with a generator seeded by ``seed``."""
     key = {"n": n, "steps": steps, "seed": seed, "guidance": ctx.guidance, "shift": ctx.shift}
     if cache.is_file():
-        data = torch.load(cache, map_location="cpu", weights_only=False)
-        if data.get("key") == key:
+        try:  # tensors, strings and numbers only: a crafted cache file cannot run code
+            data = torch.load(cache, map_location="cpu", weights_only=True)
+        except Exception as err:  # truncated, garbage or unsafe: it is only a cache, so remake it
+            print(f"note: ignoring teacher-pair cache {cache} ({type(err).__name__})", flush=True)
+            data = {}
+        if isinstance(data, dict) and data.get("key") == key:
             return data
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(len(ctx.captions), (n,), generator=g).tolist()

@@ -16,6 +16,7 @@ from pydantic import Field, model_validator
 from trainers.config import (
     DataConfig,
     EvalConfig,
+    LogConfig,
     SampleConfig,
     Strict,
     TrainConfig,
@@ -131,6 +132,8 @@ class DistillConfig(Strict):
     train: TrainConfig = TrainConfig(steps=400, batch_size=32, lr=1e-4, warmup_steps=0)
     eval: EvalConfig = EvalConfig(every=400, num_images=128, loss_images=0)
     sample: SampleConfig = SampleConfig()
+    log: LogConfig = LogConfig()
+    """Metric trackers besides metrics.jsonl (``trainers/trackers.py``); not in the hash."""
 
     def to_dict(self) -> dict[str, Any]:
         data = self.model_dump(mode="json")

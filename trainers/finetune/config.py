@@ -16,6 +16,7 @@ from pydantic import Field, model_validator
 from trainers.config import (
     DataConfig,
     EvalConfig,
+    LogConfig,
     SampleConfig,
     Strict,
     TrainConfig,
@@ -107,6 +108,8 @@ class FinetuneConfig(Strict):
     train: TrainConfig = TrainConfig(steps=200, batch_size=16, lr=1e-4, warmup_steps=0)
     eval: EvalConfig = EvalConfig(every=200, num_images=128, loss_images=0)
     sample: SampleConfig = SampleConfig()
+    log: LogConfig = LogConfig()
+    """Metric trackers besides metrics.jsonl (``trainers/trackers.py``); not in the hash."""
 
     @model_validator(mode="after")
     def _method_fields(self) -> FinetuneConfig:

@@ -17,6 +17,7 @@ from pydantic import Field, model_validator
 from trainers.config import (
     DataConfig,
     EvalConfig,
+    LogConfig,
     SampleConfig,
     Strict,
     TrainConfig,
@@ -166,6 +167,8 @@ class PreferenceConfig(Strict):
     train: TrainConfig = TrainConfig(steps=100, batch_size=8, lr=1e-4, warmup_steps=0)
     eval: EvalConfig = EvalConfig(every=100, num_images=128, loss_images=0)
     sample: SampleConfig = SampleConfig()
+    log: LogConfig = LogConfig()
+    """Metric trackers besides metrics.jsonl (``trainers/trackers.py``); not in the hash."""
 
     @model_validator(mode="after")
     def _method_fields(self) -> PreferenceConfig:
