@@ -28,6 +28,7 @@ import contextlib
 import fcntl
 import hashlib
 import itertools
+import json
 import os
 import signal
 import socket
@@ -50,7 +51,7 @@ from harness.live import StudyView
 from harness.optuna_attrs import copied_attrs, headline_attrs, set_metric_names_once
 from harness.spec import MODEL_REF_KEYS, SpecError, StudySpec
 from harness.store import Store, StoreError
-from harness.workpaths import to_stored
+from harness.workpaths import resolve_run_dir, to_stored
 from trainers.rundir import RunDir, atomic_write_json, read_json
 
 # Heartbeats and stale-trial retries are marked experimental in Optuna 5 (stable since 2.8/2.9);
@@ -267,6 +268,7 @@ class StudyRunner:
         # soft_wrap: event lines in a log file stay one line each, however long.
         self.console = console or Console(stderr=True, soft_wrap=True)
         self.store = Store(self.work.store)
+        self.source_spec = spec  # before best:STUDY references are resolved
         self.spec = spec = resolve_teacher_ref(spec, self.store)
         self.url = spec.optuna.storage or self.work.optuna_url
         self.storage = make_storage(self.url)
@@ -317,6 +319,7 @@ class StudyRunner:
             from evaluators.redact import drop_password
 
             stored["optuna"]["storage"] = drop_password(stored["optuna"]["storage"])
+        self._store_model_refs_relative(stored)
         self.store.create_study(spec.name, stored, spec.directions, spec.metrics)
         set_metric_names_once(study, spec.metrics)  # optuna-dashboard: names, not "Objective 0"
         return study
@@ -331,6 +334,28 @@ class StudyRunner:
         seed = int.from_bytes(digest[:4], "big")
         optuna_settings = self.spec.optuna.model_copy(update={"seed": seed})
         return self.spec.model_copy(update={"optuna": optuna_settings}).make_sampler()
+
+    def _store_model_refs_relative(self, stored: dict[str, Any]) -> None:
+        """A ``best:STUDY`` reference resolved to a run directory is recorded in the study's
+        stored spec relative to the work directory, so that the study reruns after its work
+        directory was moved or copied (the spec must equal the stored one). A path recorded
+        absolute by an earlier version is kept when it names the same run."""
+        rows = self.store.query("SELECT spec FROM studies WHERE name = ?", [self.spec.name])
+        old_base = json.loads(rows[0]["spec"]).get("base", {}) if rows else {}
+        for key in MODEL_REF_KEYS:
+            source = self.source_spec.base.get(key)
+            if not (isinstance(source, str) and source.startswith(TEACHER_REF)):
+                continue
+            resolved = Path(stored["base"][key])
+            relative = to_stored(resolved, self.work.root)
+            old = old_base.get(key)
+            if (
+                isinstance(old, str)
+                and old != relative
+                and resolve_run_dir(old, self.work.root).resolve() == resolved.resolve()
+            ):
+                relative = old
+            stored["base"][key] = relative
 
     def _group(self, t: optuna.trial.FrozenTrial) -> int:
         return int(t.user_attrs.get("run_number", t.number))

@@ -105,3 +105,35 @@ def test_a_copied_work_dir_still_finds_samples_and_configs(tmp_path: Path) -> No
     # A rerun in the copy finds the finished study and trains nothing.
     again = StudyRunner(spec, moved, console=Console(file=io.StringIO())).run()
     assert len(again.trials) == 1
+
+
+def test_a_study_on_a_best_teacher_reruns_in_a_moved_work_dir(tmp_path: Path) -> None:
+    """``teacher: best:STUDY`` resolves to a run directory in the work directory; the stored
+    spec records it relative, so the same study file opens again after the move instead of
+    being refused as a different spec. A path recorded absolute (earlier versions) is kept when
+    it names the same run."""
+    from tests.harness.test_distill_study import distill_study
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    store = Store(old / "harness.duckdb")
+    store.create_study("teach", {"name": "teach"}, ["minimize"], ["domain_fid"])
+    store.register_run("teach/0000", old / "runs/teach/0000", {"n": 0}, "h0", study="teach")
+    store.upsert_trial("teach", 0, "complete", values=[1.0], run_id="teach/0000")
+    (old / "runs/teach/0000").mkdir(parents=True)
+    spec = load_study(distill_study(tmp_path / "d.yaml", "best:teach", ["progressive"]))
+    quiet = Console(file=io.StringIO())
+    StudyRunner(spec, old, console=quiet).open_study()
+    (row,) = store.query("SELECT spec FROM studies WHERE name = 'd'")
+    assert '"teacher":"runs/teach/0000"' in row["spec"].replace(" ", "")
+    shutil.move(old, new)
+    runner = StudyRunner(spec, new, console=quiet)
+    runner.open_study()  # not "different spec"
+    assert runner.spec.base["teacher"] == str((new / "runs/teach/0000").resolve())
+    # A spec recorded by an earlier version, with the absolute path of the old location.
+    moved = Store(new / "harness.duckdb")
+    with moved.transaction() as con:
+        con.execute(
+            "UPDATE studies SET spec = replace(spec, 'runs/teach/0000', ?) WHERE name = 'd'",
+            [str(old / "runs/teach/0000")],
+        )
+    StudyRunner(spec, new, console=quiet).open_study()
