@@ -66,9 +66,15 @@ def test_two_workers_share_one_study_and_run_exactly_n_trials(tmp_path: Path) ->
     study = optuna.load_study(study_name=name, storage=url)
     states = [t.state for t in study.trials]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 3 and len(states) == 3, states
-    # Each trial ran in exactly one worker's work directory.
+    # Each trial ran in exactly one worker's work directory; a repeat (the random sampler asked
+    # for a configuration already trained) reuses its original's run, trained nowhere else.
     # run_dir is relative to the work directory the trial ran in (its workdir attribute).
     run_dirs = [Path(t.user_attrs["workdir"]) / t.user_attrs["run_dir"] for t in study.trials]
-    assert len(set(run_dirs)) == 3 and all((d / "s0" / "status.json").exists() for d in run_dirs)
+    repeats = {
+        t.number: t.user_attrs["repeat_of"] for t in study.trials if "repeat_of" in t.user_attrs
+    }
+    assert all(run_dirs[n] == run_dirs[original] for n, original in repeats.items())
+    assert len(set(run_dirs)) == 3 - len(repeats), (run_dirs, repeats)
+    assert all((d / "s0" / "status.json").exists() for d in run_dirs)
     # Both workers took part (otherwise nothing was shared).
     assert {d.parents[2].name for d in run_dirs} == {"worker0", "worker1"}
