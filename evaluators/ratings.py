@@ -820,3 +820,130 @@ def pair_power(
             f"rating({a}) - rating({b}): [{lo:.1f}, {hi:.1f}]) over {n_ab} direct battles"
         )
     return PairPower(a, b, bool(reasons), reason, n_ab, diff, float(lo), float(hi))
+
+
+# --------------------------------------------------------------------------------------------
+# Robustness of a leaderboard
+# --------------------------------------------------------------------------------------------
+
+PROVISIONAL_BATTLES = 20
+"""Contestants with fewer battles than this are marked provisional on the leaderboard."""
+TOP_FLIP_CAP = 200
+"""Most removals :func:`top_flip` tries before answering "more than this"."""
+
+
+def laplace_intervals(
+    counts: PairCounts,
+    *,
+    l2: float = DEFAULT_L2,
+    confidence: float = 0.95,
+    anchor: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Normal-approximation intervals of the ridge fit, in Arena points: ``(lower, upper)``.
+
+    The covariance of θ is the inverse of the penalised information ``Σ_pairs m_ij q_ij
+    (e_i - e_j)(e_i - e_j)ᵀ + l2·I`` (``q = p(1-p)`` at the fit), i.e. the Laplace
+    approximation of the posterior under the ridge's N(0, 1/l2) prior; it is then referred to
+    the anchor (or the mean) like the ratings. Unlike the bootstrap it never has zero width:
+    with one vote the resamples all repeat that vote, but the prior still says how little one
+    vote pins down.
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    anchor_idx = _check_fit_args(counts, l2, anchor)
+    if l2 <= 0:
+        raise ValueError(f"laplace_intervals needs l2 > 0 (got {l2}) for a finite variance")
+    theta = fit_log_strengths(counts.wins, l2=l2)
+    p = expit(theta[:, None] - theta[None, :])
+    info = counts.battles * p * (1.0 - p)
+    hess = np.diag(info.sum(axis=1)) - info + l2 * np.eye(counts.n)
+    cov = np.linalg.inv(hess)
+    eye = np.eye(counts.n)
+    ref = eye - (1.0 / counts.n if anchor_idx is None else eye[anchor_idx][None, :])
+    sd = np.sqrt(np.maximum(np.diag(ref @ cov @ ref.T), 0.0)) * POINTS_PER_NAT
+    rating = _to_arena(theta, anchor_idx)
+    z = float(norm.ppf(0.5 + confidence / 2))
+    return rating - z * sd, rating + z * sd
+
+
+@dataclass(frozen=True)
+class TopFlip:
+    """How many votes must go before the leader is no longer alone at the top.
+
+    ``votes``: the number found by :func:`top_flip` (None: not within ``cap`` removals);
+    ``removed``: those votes as ``(a, b, outcome)`` with the pair in index order (``"left"``:
+    ``a`` won); ``leader``: the contestant on top with all votes.
+    """
+
+    votes: int | None
+    removed: tuple[tuple[str, str, str], ...]
+    leader: str
+    cap: int
+
+
+def _leader_margin(theta: np.ndarray, leader: int) -> np.ndarray:
+    """``θ_leader - max_{c≠leader} θ_c`` for θ ``[..., n]``."""
+    others = np.delete(theta, leader, axis=-1)
+    return theta[..., leader] - others.max(axis=-1)
+
+
+def _wins_of(cells: np.ndarray, pairs: np.ndarray, n: int) -> np.ndarray:
+    """Cell counts ``[B, P, 4]`` -> win matrices ``[B, n, n]`` (ties and both_bad ½ each way)."""
+    half = 0.5 * (cells[..., TIE] + cells[..., BOTH_BAD])
+    w = np.zeros((len(cells), n, n))
+    w[:, pairs[:, 0], pairs[:, 1]] = cells[..., I_WINS] + half
+    w[:, pairs[:, 1], pairs[:, 0]] = cells[..., J_WINS] + half
+    return w
+
+
+def top_flip(counts: PairCounts, *, l2: float = DEFAULT_L2, cap: int = TOP_FLIP_CAP) -> TopFlip:
+    """The smallest number of votes whose removal changes the top of the leaderboard, greedily.
+
+    "Changes the top" means the leader of the point fit (:func:`fit_bradley_terry`) is no
+    longer strictly ahead of everyone else (a tie at the top counts as a change). Greedy: at
+    each step try removing one vote of each kind that can hurt the leader's margin over the
+    runner-up — a win or tie of the leader over anyone, a loss or tie of the current runner-up
+    — refit each candidate (one batched Newton solve), keep the removal that leaves the
+    smallest margin, and repeat until the top changes or ``cap`` removals. The greedy set is
+    one set that works, so the count is an **upper bound**: the true minimum is ≤ it (a
+    cleverer set can be smaller; exact search is combinatorial). Identical votes are
+    interchangeable, so candidates are the non-empty (pair, outcome) cells, not single votes.
+    """
+    if cap < 0:
+        raise ValueError(f"cap must be >= 0, got {cap}")
+    n = counts.n
+    if n < 2 or counts.total == 0:
+        raise ValueError("top_flip needs at least two contestants with votes")
+    cells = counts.cells.astype(float).copy()
+    theta = fit_log_strengths(counts.wins, l2=l2)
+    leader = int(np.argmax(theta))
+    removed: list[tuple[str, str, str]] = []
+    names = counts.names
+    outcome_name = ("left", "right", "tie", "both_bad")
+    pairs = counts.pairs
+    if _leader_margin(theta, leader) <= 1e-9:
+        return TopFlip(0, (), names[leader], cap)
+    for step in range(1, cap + 1):
+        runner = int(np.argmax(np.where(np.arange(n) == leader, -np.inf, theta)))
+        i, j = pairs[:, 0], pairs[:, 1]
+        hurts = np.zeros_like(cells, dtype=bool)
+        hurts[:, I_WINS] = (i == leader) | (j == runner)  # i won: leader's win or runner's loss
+        hurts[:, J_WINS] = (j == leader) | (i == runner)
+        hurts[:, TIE] = hurts[:, BOTH_BAD] = np.isin(i, (leader, runner)) | np.isin(
+            j, (leader, runner)
+        )
+        rows, cols = np.nonzero(hurts & (cells > 0))
+        if not len(rows):
+            return TopFlip(None, tuple(removed), names[leader], cap)
+        batch = np.repeat(cells[None], len(rows), axis=0)
+        batch[np.arange(len(rows)), rows, cols] -= 1.0
+        fits = fit_log_strengths(_wins_of(batch, pairs, n), l2=l2, init=theta)
+        margins = _leader_margin(fits, leader)
+        best = int(np.argmin(margins))
+        r, c = int(rows[best]), int(cols[best])
+        cells[r, c] -= 1.0
+        removed.append((names[pairs[r, 0]], names[pairs[r, 1]], outcome_name[c]))
+        theta = fits[best]
+        if margins[best] <= 1e-9:
+            return TopFlip(step, tuple(removed), names[leader], cap)
+    return TopFlip(None, tuple(removed), names[leader], cap)

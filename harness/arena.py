@@ -216,8 +216,17 @@ def leaderboard(
     (k=32) over the votes in time order. Only contestants with at least one vote appear. Gold
     votes (``extra.gold``: the rating app's attention checks) are left out.
 
-    Returns rows of ``contestant, label, rating, lower, upper, rank, battles, elo``; an empty
-    list when there are no votes.
+    Robustness, beside each row: ``provisional`` is true for contestants with fewer than
+    :data:`evaluators.ratings.PROVISIONAL_BATTLES` (20) battles; their interval is widened to
+    at least the ridge fit's Laplace interval (:func:`evaluators.ratings.laplace_intervals`),
+    because the bootstrap of a handful of votes only repeats them (one vote: a zero-width
+    interval), and ``rank`` uses the widened intervals. ``top_flip_votes`` (the same in every
+    row: it is the board's) is how many votes must be removed before the leader is no longer
+    alone on top, found greedily (:func:`evaluators.ratings.top_flip`: an upper bound, the true
+    minimum is at most this), None when not reached within ``top_flip_cap`` removals.
+
+    Returns rows of ``contestant, label, rating, lower, upper, rank, battles, elo,
+    provisional, top_flip_votes, top_flip_cap``; an empty list when there are no votes.
     """
     sql, params = f"SELECT left_id, right_id, outcome FROM comparisons WHERE {NOT_GOLD}", []
     if rater_kind is not None:
@@ -239,7 +248,17 @@ def rate_battles(
 ) -> list[dict[str, Any]]:
     """Leaderboard rows (see :func:`leaderboard`) from ``(left, right, outcome)`` battles in
     time order; the arena app calls it with battles filtered by judge, category or study."""
-    from evaluators.ratings import aggregate, bootstrap_ratings, online_elo
+    import numpy as np
+
+    from evaluators.ratings import (
+        PROVISIONAL_BATTLES,
+        aggregate,
+        bootstrap_ratings,
+        laplace_intervals,
+        online_elo,
+        rank_with_intervals,
+        top_flip,
+    )
 
     if not battles:
         return []
@@ -247,16 +266,28 @@ def rate_battles(
     ratings = bootstrap_ratings(counts, rounds=rounds, confidence=confidence, seed=seed)
     elo = online_elo(battles)
     played = counts.battles.sum(axis=1)
+    provisional = played < PROVISIONAL_BATTLES
+    # With few votes the bootstrap repeats them and its interval collapses (one vote: a point);
+    # provisional contestants get at least the ridge fit's Laplace interval, ranks follow.
+    lap_lower, lap_upper = laplace_intervals(counts, confidence=confidence)
+    lower = np.where(provisional, np.minimum(ratings.lower, lap_lower), ratings.lower)
+    upper = np.where(provisional, np.maximum(ratings.upper, lap_upper), ratings.upper)
+    rank = rank_with_intervals(lower, upper)
+    flip = top_flip(counts)
+    order = [int(k) for k in np.argsort(-ratings.rating, kind="stable")]
     return [
         {
-            "contestant": row["name"],
-            "label": labels.get(str(row["name"])),
-            "rating": row["rating"],
-            "lower": row["lower"],
-            "upper": row["upper"],
-            "rank": row["rank"],
-            "battles": int(played[counts.index(str(row["name"]))]),
-            "elo": elo[str(row["name"])],
+            "contestant": counts.names[k],
+            "label": labels.get(counts.names[k]),
+            "rating": float(ratings.rating[k]),
+            "lower": float(lower[k]),
+            "upper": float(upper[k]),
+            "rank": int(rank[k]),
+            "battles": int(played[k]),
+            "elo": elo[counts.names[k]],
+            "provisional": bool(provisional[k]),
+            "top_flip_votes": flip.votes,
+            "top_flip_cap": flip.cap,
         }
-        for row in ratings.table()
+        for k in order
     ]

@@ -701,15 +701,41 @@ def leaderboard(
     as_json: Annotated[
         bool, typer.Option("--json", help="print the rows as a JSON array instead of a table")
     ] = False,
+    by: Annotated[
+        str | None,
+        typer.Option(
+            "--by",
+            metavar="PARAM",
+            help="instead: each value of this training parameter's effect on win odds "
+            "(dotted, e.g. timesteps.sampler), from a contextual Bradley-Terry fit",
+        ),
+    ] = None,
+    style: Annotated[
+        str | None,
+        typer.Option(
+            "--style",
+            metavar="MEASURES",
+            help="with --by: control for image style, comma-separated: brightness,saturation",
+        ),
+    ] = None,
 ) -> None:
     """The arena leaderboard: Bradley-Terry ratings with 95% bootstrap intervals.
 
     Contestants whose intervals overlap share a rank (rank = 1 + the number of
     contestants ahead beyond doubt). Elo, online in vote order, is the secondary
-    view. --json prints the rows (contestant, label, rating, lower, upper, rank,
-    battles, elo) as a JSON array. Example:
+    view. Contestants with fewer than 20 battles are marked provisional (their
+    interval is at least the ridge fit's normal interval). Under the table: how
+    many votes, removed greedily, change the top (an upper bound of the minimum).
+    --json prints the rows (contestant, label, rating, lower, upper, rank,
+    battles, elo, provisional, top_flip_votes, top_flip_cap) as a JSON array.
+
+    --by PARAM fits the votes with the contestants' value of PARAM as a covariate
+    (seed replicas pooled) and prints each value's odds ratio of winning against
+    the baseline value; --style adds image measures, as style control does;
+    --json then prints that report as a JSON object. Examples:
 
         uv run harness leaderboard --workdir work --rater-kind human
+        uv run harness leaderboard --workdir work --by timesteps.sampler --style brightness
     """
     import json
 
@@ -719,6 +745,12 @@ def leaderboard(
     with _store_errors():
         kind = None if rater_kind in (None, "all") else check_rater_kind(rater_kind, "--rater-kind")
     store = _open_store(workdir, create=False)
+    if by is not None:
+        _leaderboard_by(store, by, kind, style, as_json)
+        return
+    if style is not None:
+        typer.echo("error: --style needs --by PARAM", err=True)
+        raise typer.Exit(EXIT_INVALID)
     with _store_errors():
         rows = compute(store, kind, rounds=rounds, seed=seed)
     if as_json:
@@ -735,14 +767,80 @@ def leaderboard(
             typer.echo(f"underpowered: {p['a']} vs {p['b']}: {p['reason']}")
 
 
+def _leaderboard_by(store, param: str, kind: str | None, style: str | None, as_json: bool) -> None:
+    """``harness leaderboard --by PARAM``: the effect table (or its JSON)."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from harness.arena_effects import choice_effects
+
+    measures = tuple(m.strip() for m in (style or "").split(",") if m.strip())
+    try:
+        with _store_errors():
+            report = choice_effects(store, param, kind, measures)  # type: ignore[arg-type]
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(EXIT_INVALID) from None
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), indent=2))
+        return
+    left_out = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in report.left_out.items() if v)
+    table = Table(
+        title=f"Effect of {param} on win odds: {kind or 'all'} raters, {report.votes} votes, "
+        f"{report.contestants} contestants",
+        caption="contextual Bradley-Terry, seeds pooled, per-contestant residuals "
+        f"(sd {report.residual_sd} nats); odds ratio vs {report.baseline} with 95% Wald "
+        "interval; verdict: does the interval exclude 1"
+        + (f"; style per +0.1 of left minus right ({', '.join(measures)})" if measures else "")
+        + (f"; left out: {left_out}" if left_out else ""),
+    )
+    for name, justify in [
+        ("level", "left"),
+        ("odds ratio [95%]", "right"),
+        ("log-odds ± SE", "right"),
+        ("votes", "right"),
+        ("contestants", "right"),
+        ("verdict", "left"),
+    ]:
+        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for r in report.rows:
+        name = {"baseline": f"{r['name']} (baseline)", "style": f"style: {r['name']}"}.get(
+            r["kind"], r["name"]
+        )
+        ratio = (
+            "1 (reference)"
+            if r["kind"] == "baseline"
+            else f"{r['odds_ratio']:.2f} [{r['odds_ratio_lower']:.2f}, {r['odds_ratio_upper']:.2f}]"
+        )
+        table.add_row(
+            name,
+            ratio,
+            f"{r['log_odds']:+.2f} ± {r['se']:.2f}",
+            str(r["votes"]),
+            str(r["contestants"]),
+            r["verdict"],
+        )
+    Console().print(table)
+
+
 def _print_leaderboard(rows: list[dict], kind: str | None, rounds: int) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from evaluators.ratings import PROVISIONAL_BATTLES
+
     votes = sum(r["battles"] for r in rows) // 2
+    flip = rows[0].get("top_flip_votes")
+    cap = rows[0].get("top_flip_cap")
+    flip_text = f"{flip}" if flip is not None else f">{cap}"
     table = Table(
         title=f"Arena leaderboard: {kind or 'all'} raters, {votes} comparisons",
-        caption=f"Bradley-Terry, 95% bootstrap interval over {rounds} rounds",
+        caption=f"Bradley-Terry, 95% bootstrap interval over {rounds} rounds; * provisional: "
+        f"fewer than {PROVISIONAL_BATTLES} battles (interval at least the ridge fit's normal "
+        f"one). Votes to remove to change the top: {flip_text} (greedy: an upper bound, the "
+        "true minimum is at most this)",
     )
     for name, justify in [
         ("rank", "right"),
@@ -755,6 +853,7 @@ def _print_leaderboard(rows: list[dict], kind: str | None, rounds: int) -> None:
         table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for r in rows:
         name = r["contestant"] + (f" ({r['label']})" if r["label"] else "")
+        name += " *" if r.get("provisional") else ""
         table.add_row(
             str(r["rank"]),
             name,

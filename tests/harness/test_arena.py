@@ -279,6 +279,9 @@ def test_cli_import_and_leaderboard(tmp_path: Path):
         "rank",
         "battles",
         "elo",
+        "provisional",
+        "top_flip_votes",
+        "top_flip_cap",
     }
 
     res = invoke("leaderboard", "--workdir", work, "--rater-kind", "judge", "--json")
