@@ -137,7 +137,8 @@ def show_images(images: list[bytes], captions: list[str], per_row: int = 6) -> N
         for col, img, cap in zip(
             cols, images[start : start + per_row], captions[start : start + per_row], strict=False
         ):
-            col.image(crisp(img, THUMB_PX), caption=cap, width=THUMB_PX)
+            # PNG: "auto" would re-encode an opaque PNG as JPEG (quality 90).
+            col.image(crisp(img, THUMB_PX), caption=cap, width=THUMB_PX, output_format="PNG")
 
 
 def fmt(value: Any, digits: int = 4) -> str:

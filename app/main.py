@@ -43,14 +43,30 @@ def _warm_up() -> bool:
     return True
 
 
+@st.cache_resource(show_spinner=False)
+def _favicon() -> bytes:
+    """The tab icon, drawn here (two framed squares: a pair to compare). Streamlit fetches a
+    ``:material/...:`` page icon from fonts.gstatic.com; the app must load nothing from
+    outside (raters' browsers may be offline, and no third party learns who rates)."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(im)
+    draw.rectangle((1, 6, 14, 25), fill=(255, 75, 75), outline=(90, 90, 90))
+    draw.rectangle((17, 6, 30, 25), fill=(60, 110, 220), outline=(90, 90, 90))
+    out = io.BytesIO()
+    im.save(out, format="PNG")
+    return out.getvalue()
+
+
 def main() -> None:
     # No tracebacks for raters, however the app was started (`harness app` passes it too):
     # expected errors are shown as messages by the pages, anything else as a generic notice.
     st.set_option("client.showErrorDetails", "none")
     _warm_up()
-    st.set_page_config(
-        page_title="Diffusion arena", page_icon=":material/leaderboard:", layout="wide"
-    )
+    st.set_page_config(page_title="Diffusion arena", page_icon=_favicon(), layout="wide")
     pages = [
         st.Page(
             VIEWS / "leaderboard.py",

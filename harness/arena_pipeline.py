@@ -44,7 +44,7 @@ import re
 import time
 import zlib
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -502,16 +502,17 @@ def plan_pairs(
 ) -> tuple[list[PairItem], list[tuple[str, str, str]]]:
     """The items of one judging round, and the sampled pairs left out: ``(a, b, why)``.
 
-    Contestant pairs come from :func:`evaluators.ratings.next_pairs` over this rater's
+    Pairs and items come from :func:`harness.voting.choose_pairs` over this rater's
     comparisons so far (``seed`` defaults to their number, so every round differs and a rerun
-    of the same state gives the same plan). For each pair, an item both rendered: one this
-    rater never judged for the pair if any, else one judged only in the other order (shown in
-    that other order), else any; never the same item twice in a round (a pair sampled more
-    often than it has items is left out the extra times). Sides are random. ``contestants``:
-    only pairs among these (e.g. a tuned model and its base); default every rendered one.
+    of the same state gives the same plan): information first (``next_pairs``), every
+    contestant covered, and never a (pair, prompt, seed) this rater already judged while an
+    unjudged one exists anywhere; once all are judged, the least-judged come back (one judged
+    once is shown in the other order). Never the same item twice in a round (slots beyond the
+    items left are reported as skipped). Sides are random. ``contestants``: only pairs among
+    these (e.g. a tuned model and its base); default every rendered one.
     """
     from evaluators.judging import PairItem
-    from evaluators.ratings import aggregate, next_pairs
+    from evaluators.ratings import aggregate
 
     if pairs < 1:
         raise ArenaError(f"--pairs must be >= 1, got {pairs}")
@@ -535,6 +536,8 @@ def plan_pairs(
         "ORDER BY time, comparison_id",
         [rater_id],
     )
+    from harness.voting import choose_pairs, item_key
+
     known = set(names)
     battles = [
         (r["left_id"], r["right_id"], r["outcome"])
@@ -544,29 +547,19 @@ def plan_pairs(
     counts = aggregate(battles, names=names) if battles else _empty_counts(names)
     seed = len(mine) if seed is None else seed
     rng = random.Random(seed)
-    # (prompt, seed, frozenset pair) -> orientations (left, right) this rater already judged
-    judged: dict[tuple[str, int, frozenset[str]], set[tuple[str, str]]] = defaultdict(set)
+    # (pair, prompt, seed) -> the (left, right) orders this rater already judged it in
+    judged: dict[tuple[frozenset[str], str, int], list[tuple[str, str]]] = defaultdict(list)
     for r in mine:
-        key = (r["prompt"], r["seed"], frozenset((r["left_id"], r["right_id"])))
-        judged[key].add((r["left_id"], r["right_id"]))
-    items, skipped, used = [], [], set()
-    for a, b in next_pairs(counts, k=pairs, seed=seed):
-        common = sorted(set(index[a]) & set(index[b]))
-        options = []
-        for k in common:
-            prompt = index[a][k]["prompt"]
-            key = (prompt, k[1], frozenset((a, b)))
-            if key not in used:
-                options.append((len(judged.get(key, ())), k, key))
-        if not options:
-            why = "all its items are already in this round" if common else "no prompt/seed "
-            skipped.append((a, b, why + ("" if common else "rendered by both")))
-            continue
-        fewest = min(n for n, _, _ in options)
-        _, k, key = rng.choice([o for o in options if o[0] == fewest])
-        used.add(key)
-        seen = judged.get(key, set())
-        left, right = (a, b) if rng.random() < 0.5 else (b, a)
+        key = item_key(r["left_id"], r["right_id"], r["prompt"], r["seed"])
+        judged[key].append((r["left_id"], r["right_id"]))
+    prompts = {c: {k: row["prompt"] for k, row in index[c].items()} for c in names}
+    times = {key: len(orders) for key, orders in judged.items()}
+    picks, skipped = choose_pairs(names, prompts, times, counts, pairs, seed=seed, rng=rng)
+    items = []
+    for pick in picks:
+        left, right = pick.sides
+        k = pick.key
+        seen = set(judged.get(item_key(left, right, index[left][k]["prompt"], k[1]), ()))
         if len(seen) == 1 and (left, right) in seen:  # judged once: show the other order
             left, right = right, left
         la, ra = index[left][k], index[right][k]
@@ -618,6 +611,175 @@ def judge_round(
     except KeyboardInterrupt:
         summary.interrupted = True
     return summary
+
+
+@dataclass
+class UntilSummary:
+    """What :func:`judge_until_width` did: every round's summary, the widest 95% interval
+    after the last round (None before any vote), whether it reached the target, and why it
+    stopped (``reached``, ``exhausted``, ``max_votes``, ``no_verdicts``, ``interrupted``)."""
+
+    rater_id: str
+    width: float
+    rounds: list[JudgeSummary] = field(default_factory=list)
+    widest: float | None = None
+    widest_contestant: str | None = None
+    reached: bool = False
+    reason: str = ""
+
+    @property
+    def asked(self) -> int:
+        return sum(r.asked for r in self.rounds)
+
+    @property
+    def stored(self) -> int:
+        return sum(r.stored for r in self.rounds)
+
+
+def interval_widths(
+    store: Store,
+    rater_id: str,
+    names: Sequence[str] | None = None,
+    *,
+    rounds: int = 1000,
+) -> dict[str, float]:
+    """Each contestant's 95% interval width (upper - lower, rating points) on a leaderboard of
+    ``rater_id``'s votes only (among ``names`` when given): the same rows as
+    ``harness leaderboard`` computes (:func:`harness.arena.rate_battles`), so provisional
+    contestants get the widened interval. A contestant with no vote is absent."""
+    from harness.arena import NOT_GOLD, rate_battles
+
+    rows = store.query(
+        f"SELECT left_id, right_id, outcome FROM comparisons WHERE rater_id = ? AND {NOT_GOLD} "
+        "ORDER BY time, comparison_id",
+        [rater_id],
+    )
+    keep = None if names is None else set(names)
+    battles = [
+        (r["left_id"], r["right_id"], r["outcome"])
+        for r in rows
+        if keep is None or (r["left_id"] in keep and r["right_id"] in keep)
+    ]
+    board = rate_battles(battles, {}, rounds=rounds)
+    return {r["contestant"]: r["upper"] - r["lower"] for r in board}
+
+
+def _fresh_left(store: Store, rater_id: str, names: Sequence[str]) -> int:
+    """How many (pair, prompt, seed) combinations among ``names`` ``rater_id`` never judged."""
+    from harness.voting import item_key
+
+    index = _render_index(store)
+    done = {
+        item_key(r["left_id"], r["right_id"], r["prompt"], r["seed"])
+        for r in store.query(
+            "SELECT left_id, right_id, prompt, seed FROM comparisons WHERE rater_id = ?",
+            [rater_id],
+        )
+    }
+    left = 0
+    for a, b in itertools.combinations(sorted(names), 2):
+        for k in set(index[a]) & set(index[b]):
+            left += item_key(a, b, index[a][k]["prompt"], k[1]) not in done
+    return left
+
+
+def judge_until_width(
+    store: Store,
+    judge: PairJudge,
+    width: float,
+    *,
+    pairs: int = 20,
+    max_votes: int | None = None,
+    contestants: Sequence[str] | None = None,
+    batch_size: int = 8,
+    rounds: int = 1000,
+    report: Callable[[str], None] = print,
+    progress: bool = False,
+    console: Console | None = None,
+) -> UntilSummary:
+    """Judge rounds of ``pairs`` (:func:`judge_round`) until every contestant's 95% interval
+    (:func:`interval_widths`, this judge's votes) is at most ``width`` rating points. Also
+    stops when this judge has judged every (pair, prompt, seed) combination (``exhausted``),
+    when ``max_votes`` verdicts were asked for (``max_votes``), when a whole round stored
+    nothing (``no_verdicts``: the judge answers nothing, more rounds would only repeat that)
+    or on Ctrl-C. A round is shortened to the cap and to the unjudged combinations left, so
+    this never asks a repeat. ``report`` gets one line per round and one saying why it
+    stopped."""
+    if width <= 0:
+        raise ArenaError(f"--until-width must be > 0 rating points, got {width}")
+    if max_votes is not None and max_votes < 1:
+        raise ArenaError(f"--max-votes must be >= 1, got {max_votes}")
+    if contestants is not None:
+        names = sorted(set(contestants))
+    else:
+        names = sorted(c for c, items in _render_index(store).items() if items)
+    out = UntilSummary(judge.rater_id, width)
+
+    def measure() -> bool:
+        widths = interval_widths(store, judge.rater_id, names, rounds=rounds)
+        missing = [c for c in names if c not in widths]
+        if missing:  # a contestant without a vote has no interval at all
+            out.widest, out.widest_contestant = math.inf, missing[0]
+        elif widths:
+            out.widest_contestant, out.widest = max(widths.items(), key=lambda kv: kv[1])
+        return out.widest is not None and out.widest <= width
+
+    while True:
+        if measure():
+            out.reached, out.reason = True, "reached"
+            break
+        fresh = _fresh_left(store, judge.rater_id, names)
+        if fresh == 0:
+            out.reason = "exhausted"
+            break
+        # No more than the fresh combinations left: a repeat would add no new information.
+        cap = fresh if max_votes is None else min(fresh, max_votes - out.asked)
+        budget = min(pairs, cap)
+        if budget < 1:
+            out.reason = "max_votes"
+            break
+        summary = judge_round(
+            store,
+            judge,
+            budget,
+            contestants=contestants,
+            batch_size=batch_size,
+            progress=progress,
+            console=console,
+        )
+        out.rounds.append(summary)
+        measure()
+        widest = "no votes yet" if out.widest is None else f"{out.widest:.1f}"
+        report(
+            f"round {len(out.rounds)}: {summary.asked} asked, {summary.stored} stored "
+            f"({out.stored} in all); widest 95% interval {widest} "
+            f"({out.widest_contestant}), target {width:g}"
+        )
+        if summary.interrupted:
+            out.reason = "interrupted"
+            break
+        if summary.stored == 0:
+            out.reason = "no_verdicts"
+            break
+    report(_until_message(out))
+    return out
+
+
+def _until_message(out: UntilSummary) -> str:
+    widest = "no votes" if out.widest is None else f"{out.widest:.1f} ({out.widest_contestant})"
+    if out.reached:
+        return (
+            f"reached: every 95% interval <= {out.width:g} rating points (widest {widest}) "
+            f"after {out.stored} stored comparisons"
+        )
+    why = {
+        "exhausted": "every (pair, prompt, seed) combination is judged by this judge; render "
+        "more prompts or seeds (`harness arena render`) to go on",
+        "max_votes": f"the --max-votes cap of {out.asked} verdicts asked was hit; raise it",
+        "no_verdicts": "the last round stored no verdict (see the reasons above)",
+        "interrupted": "interrupted (Ctrl-C); what was stored is kept",
+    }[out.reason]
+    return f"NOT reached: widest 95% interval {widest} > {out.width:g}; stopped: {why}"
 
 
 def _store_verdicts(

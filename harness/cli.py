@@ -650,6 +650,17 @@ def judge_cmd(
         list[str] | None,
         typer.Option("--contestant", help="only pairs among these (repeat; default: all)"),
     ] = None,
+    until_width: Annotated[
+        float | None,
+        typer.Option(
+            "--until-width",
+            help="judge rounds of --pairs until every 95% interval is <= W rating points",
+        ),
+    ] = None,
+    max_votes: Annotated[
+        int | None,
+        typer.Option("--max-votes", min=1, help="with --until-width: stop after N verdicts"),
+    ] = None,
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
 ) -> None:
     """Judge rendered pairs and store the verdicts as comparisons.
@@ -659,13 +670,36 @@ def judge_cmd(
     among those, e.g. a tuned model against its base. Ctrl-C keeps what was stored. Example:
 
         uv run harness judge --judge domain --pairs 50 --workdir work
+
+    --until-width W repeats rounds of --pairs until every contestant's 95% interval on this
+    judge's leaderboard is at most W rating points, printing each round; it also stops when
+    every (pair, prompt, seed) is judged or after --max-votes verdicts, and then exits 3 and
+    says that W was not reached.
     """
-    from harness.arena_pipeline import build_judge, judge_round
+    from harness.arena_pipeline import build_judge, judge_round, judge_until_width
 
     options = {} if concurrency is None else {"concurrency": concurrency}
     if options and judge != "openai":
         raise typer.BadParameter("applies to --judge openai only", param_hint="--concurrency")
+    if max_votes is not None and until_width is None:
+        raise typer.BadParameter("needs --until-width W", param_hint="--max-votes")
     store = _open_store(workdir, create=False)
+    if until_width is not None:
+        with _store_errors():
+            until = judge_until_width(
+                store,
+                build_judge(judge, store, **options),
+                until_width,
+                pairs=pairs,
+                max_votes=max_votes,
+                contestants=contestant,
+                report=typer.echo,
+            )
+        if until.reason == "interrupted":
+            raise typer.Exit(130)
+        if not until.reached:
+            raise typer.Exit(3)
+        return
     with _store_errors():
         judge_obj = build_judge(judge, store, **options)
         summary = judge_round(store, judge_obj, pairs, seed=seed, contestants=contestant)

@@ -4,12 +4,13 @@ rating page, the ``harness raters`` commands, the tests and the concurrency test
 through the same functions.
 
 Pairs. A pair is two contestants' renders for the same prompt and seed (``renders``), so the
-same initial noise. Which two contestants: :func:`evaluators.ratings.next_pairs` over the human
-votes stored so far (the pairs whose order is most uncertain and least measured come first);
-which prompt and seed: one both contestants rendered, preferring one this rater has not judged
-for this pair yet. The side each contestant is shown on is random (``next_pairs`` draws it),
-which spreads position bias evenly. A planned pair becomes an :class:`IssuedPair` when it is
-shown: it gets a random nonce and its issue time.
+same initial noise. Which two contestants and which prompt and seed: :func:`choose_pairs`,
+shared with the judges: :func:`evaluators.ratings.next_pairs` over the human votes stored so far
+(the pairs whose order is most uncertain and least measured come first), but never a (pair,
+prompt, seed) this rater already judged while an unjudged one exists anywhere, and a contestant
+left far behind in battles gets the next pair (coverage). The side each contestant is shown on
+is random (``next_pairs`` draws it), which spreads position bias evenly. A planned pair
+becomes an :class:`IssuedPair` when it is shown: it gets a random nonce and its issue time.
 
 Exactly once. ``comparison_id`` is a hash of (prompt, seed, left, right, rater, time) and
 :meth:`Store.add_comparisons` stores a vote with a known id once. The vote's ``time`` is the
@@ -32,11 +33,13 @@ share of gold pairs answered with the expected side.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
 import secrets
 import statistics
 import time
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -121,9 +124,13 @@ def plan_pairs(
 ) -> list[PlannedPair]:
     """The next ``k`` pairs for ``rater_id``, about :data:`GOLD_RATE` of them gold.
 
-    Empty when fewer than two regular contestants have renders for a common prompt and seed.
+    Regular pairs come from :func:`choose_pairs` over the human votes so far (information
+    from everyone's votes, coverage of every contestant) and this rater's own votes (never a
+    (pair, prompt, seed) this rater already judged while an unjudged one exists; once all are
+    judged, the least-judged ones come back rather than nothing). Empty when fewer than two
+    regular contestants have renders for a common prompt and seed.
     """
-    from evaluators.ratings import PairCounts, aggregate, next_pairs
+    from evaluators.ratings import PairCounts, aggregate
 
     rng = rng or random.Random()
     # One read for everything: each store operation attaches the file anew.
@@ -146,41 +153,150 @@ def plan_pairs(
         counts = aggregate(battles, names=names)
     else:  # next_pairs draws uniformly from empty counts; aggregate refuses an empty list
         counts = PairCounts(tuple(names), np.zeros((0, 2)), np.zeros((0, 4)))
-    judged = {(frozenset((a, b)), p, s) for a, b, p, s in seen}
-    # Ask for extra candidates: a pair without a common prompt and seed is skipped.
-    candidates = next_pairs(counts, k=2 * k + 2, seed=rng.randrange(2**31))
+    judged = Counter(item_key(a, b, p, s) for a, b, p, s in seen)
+    items = {c: {key: pool.prompts[key][0] for key in pool.keys[c]} for c in names}
+    gold_slots = [rng.random() < GOLD_RATE for _ in range(k)]
+    picks, _ = choose_pairs(names, items, judged, counts, k, seed=rng.randrange(2**31), rng=rng)
     out: list[PlannedPair] = []
-    for left, right in candidates:
-        if len(out) == k:
-            break
-        if rng.random() < GOLD_RATE and (gold := _gold_pair(pool, rng)) is not None:
+    for is_gold in gold_slots:
+        if is_gold and (gold := _gold_pair(pool, rng)) is not None:
             out.append(gold)
-            continue
-        pair = _with_prompt(pool, left, right, judged, rng)
-        if pair is not None:
-            out.append(pair)
-            judged.add((frozenset((left, right)), pair.prompt, pair.seed))  # not twice a batch
+        elif picks:
+            pick = picks.pop(0)
+            prompt, category = pool.prompts[pick.key]
+            out.append(PlannedPair(pick.key[0], prompt, pick.key[1], category, *pick.sides))
     return out
 
 
-def _with_prompt(
-    pool: _Pool,
-    left: str,
-    right: str,
-    judged: set[tuple[frozenset[str], str, int]],
+ItemKey = tuple[frozenset[str], str, int]
+"""What a rater must not judge twice while anything else is left: (unordered pair, prompt
+text, seed). The prompt text, not its id, because stored comparisons carry the text."""
+
+COVERAGE_FLOOR = 0.8
+"""A contestant with fewer battles than this share of the mean gets the next pair."""
+
+
+def item_key(a: str, b: str, prompt: str, seed: int) -> ItemKey:
+    """The no-repeat key of a comparison of ``a`` and ``b`` on ``prompt`` and ``seed``."""
+    return frozenset((a, b)), prompt, int(seed)
+
+
+@dataclass(frozen=True)
+class Pick:
+    """One pair chosen by :func:`choose_pairs`: the sides as drawn, the (prompt_id, seed)
+    item, and whether this rater had judged that (pair, item) before (``fresh`` False only
+    once every combination was judged)."""
+
+    sides: tuple[str, str]
+    key: tuple[int, int]
+    fresh: bool
+
+
+def choose_pairs(
+    names: Sequence[str],
+    items: Mapping[str, Mapping[tuple[int, int], str]],
+    judged: Mapping[ItemKey, int],
+    counts: Any,
+    k: int,
+    *,
+    seed: int,
     rng: random.Random,
-) -> PlannedPair | None:
-    common = sorted(pool.keys[left] & pool.keys[right])
-    if not common:
-        return None
-    fresh = [
-        key
-        for key in common
-        if (frozenset((left, right)), pool.prompts[key][0], key[1]) not in judged
+    coverage: float = COVERAGE_FLOOR,
+) -> tuple[list[Pick], list[tuple[str, str, str]]]:
+    """Up to ``k`` (pair, item) picks for one rater, and the pairs left out ``(a, b, why)``.
+
+    ``items``: per contestant, its rendered (prompt_id, seed) -> prompt text; ``judged``: how
+    often this rater judged each :func:`item_key`; ``counts``: the battles that drive the
+    choice (a :class:`evaluators.ratings.PairCounts` over ``names``). Each slot takes, in this
+    order of preference:
+
+    1. the next pair in :func:`evaluators.ratings.next_pairs` order (information first) that
+       has an item this rater never judged and that is not already in this batch; while the
+       least-battled contestant (battles so far plus this batch) is below ``coverage`` times
+       the mean, only a pair that includes it (coverage: nobody is left out because the
+       information score prefers the others);
+    2. any pair with such a fresh item (the needy contestant's first, then any), so that a
+       fresh combination anywhere wins over a repeat;
+    3. when this rater judged every combination: the least-judged item not in this batch
+       (a repeat, never nothing);
+    and is left out (in the second list) only when every item is already in this batch.
+    Within a pair the item is drawn at random among its least-judged ones.
+    """
+    from evaluators.ratings import next_pairs
+
+    ordered = sorted(names)
+    pairs = [frozenset(p) for p in itertools.combinations(ordered, 2)]
+    common = {p: sorted(set(items[min(p)]) & set(items[max(p)])) for p in pairs}
+    skipped = [(min(p), max(p), "no prompt/seed rendered by both") for p in pairs if not common[p]]
+    usable = [p for p in pairs if common[p]]
+    if not usable or k < 1:
+        return [], skipped
+    appear = Counter({c: 0 for c in ordered})
+    if len(counts.pairs):
+        played = counts.cells.sum(axis=1)
+        for (i, j), n in zip(counts.pairs, played, strict=True):
+            appear[counts.names[i]] += int(n)
+            appear[counts.names[j]] += int(n)
+    queue = [
+        (a, b)
+        for a, b in next_pairs(counts, k=2 * k + len(usable), seed=seed)
+        if common.get(frozenset((a, b)))
     ]
-    pid, seed = rng.choice(fresh or common)
-    prompt, category = pool.prompts[(pid, seed)]
-    return PlannedPair(pid, prompt, seed, category, left, right)
+    used: set[ItemKey] = set()
+
+    def times(p: frozenset[str], key: tuple[int, int]) -> int | None:
+        """How often judged; None when already in this batch."""
+        ik = (p, items[min(p)][key], key[1])
+        return None if ik in used else judged.get(ik, 0)
+
+    def fresh(p: frozenset[str]) -> bool:
+        return any(times(p, key) == 0 for key in common[p])
+
+    def fewest(p: frozenset[str]) -> int | None:
+        counts_ = [n for key in common[p] if (n := times(p, key)) is not None]
+        return min(counts_) if counts_ else None
+
+    picks: list[Pick] = []
+    for _ in range(k):
+        mean = sum(appear.values()) / len(appear)
+        low = min(appear.values())
+        needy = {c for c, n in appear.items() if n == low} if low < coverage * mean else set()
+        chosen: tuple[str, str] | None = None
+        least: list[int | None] = []  # computed only once no fresh item is left (a full scan)
+
+        def least_judged(p: frozenset[str], least: list[int | None] = least) -> bool:
+            if not least:
+                least.append(min((n for q in usable if (n := fewest(q)) is not None), default=None))
+            return least[0] is not None and fewest(p) == least[0]
+
+        for ok in (
+            lambda p, needy=needy: fresh(p) and (not needy or bool(needy & p)),
+            fresh,
+            least_judged,
+        ):
+            hit = next((ab for ab in queue if ok(frozenset(ab))), None)
+            if hit is not None:
+                queue.remove(hit)
+                chosen = hit
+                break
+            rest = [p for p in usable if ok(p)]
+            if rest:
+                # Outside next_pairs' list: the needy contestant's pairs first, then at random.
+                best = [p for p in rest if needy & p] or rest
+                a, b = sorted(rng.choice(best))
+                chosen = (a, b) if rng.random() < 0.5 else (b, a)
+                break
+        if chosen is None:
+            a, b = queue[0] if queue else sorted(usable[0])
+            skipped.append((a, b, "all its items are already in this round"))
+            continue
+        p = frozenset(chosen)
+        n_min = fewest(p)
+        key = rng.choice([key for key in common[p] if times(p, key) == n_min])
+        used.add((p, items[chosen[0]][key], key[1]))
+        appear.update(chosen)
+        picks.append(Pick(chosen, key, n_min == 0))
+    return picks, skipped
 
 
 def _gold_pair(pool: _Pool, rng: random.Random) -> PlannedPair | None:

@@ -1,6 +1,6 @@
 """Leaderboard page: Bradley-Terry ratings with 95% intervals, rank, votes, win rate; filters
 by rater kind, judge, prompt category and study; the win-rate matrix; a contestant's
-provenance and images; rater reliability on gold pairs."""
+provenance (never its renders: raters judge them blind); rater reliability on gold pairs."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def table_ui(rows: list[dict[str, Any]]) -> str | None:
     st.caption(
         f"{len(rows)} contestants, {votes} votes. Bradley-Terry ratings (400 points = 10:1 odds, "
         "mean 1000) with 95% bootstrap intervals; contestants whose intervals overlap share a "
-        "rank. Ties and 'both bad' count half. Click a row for its provenance and images."
+        "rank. Ties and 'both bad' count half. Click a row for its provenance."
     )
     table = [
         {
@@ -111,7 +111,7 @@ def matrix_ui(matrix: dict[str, Any]) -> None:
 
 
 def contestant_ui(db: str, cid: str) -> None:
-    """Provenance of one contestant and its renders."""
+    """Provenance of one contestant (its renders are not shown: see below)."""
     info = common.contestant(db, cid)
     if info is None:
         st.info(f"Contestant {cid} is not registered (votes were imported with its id only).")
@@ -135,11 +135,13 @@ def contestant_ui(db: str, cid: str) -> None:
             icon=":material/arrow_forward:",
             query_params={"run": info["run_id"]},
         )
-    renders = info["renders"][:12]
-    if renders:
-        images = [common.render_png(db, cid, r["prompt_id"], r["seed"]) for r in renders]
-        caps = [f"{r['prompt']} (seed {r['seed']})" for r in renders]
-        common.show_images(images, caps)
+    # No renders here: they are the images raters judge blind, and this page is public; a
+    # rater who saw a contestant's render of a prompt would recognise its side.
+    if info["renders"]:
+        st.caption(
+            f"{len(info['renders'])} renders in the arena rotation (not shown: raters judge "
+            "them without knowing whose they are)."
+        )
 
 
 def reliability_ui(db: str) -> None:

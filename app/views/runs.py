@@ -1,6 +1,8 @@
 """Run page: status and failure reason, the resolved config, loss and metric curves, sample
-grids across training steps and the final samples. ``?run=RUN_ID`` opens a run directly (the
-leaderboard links here); the id is looked up in the store, never used as a path."""
+grids across training steps and the final samples (every sample, captioned with its prompt),
+its final metrics. ``?run=RUN_ID`` opens a run directly (the leaderboard links here); the id is
+looked up in the store, never used as a path, and an unknown id says so instead of showing
+another run."""
 
 from __future__ import annotations
 
@@ -11,8 +13,6 @@ import streamlit as st
 
 from app import common
 from harness import app_data as data
-
-MAX_PER_STEP = 12
 
 
 @st.cache_data(ttl=common.TTL_S, show_spinner=False)
@@ -102,15 +102,32 @@ def samples_ui(db: str, run_id: str, samples: list[dict[str, Any]]) -> None:
 
 
 def _grid(db: str, run_id: str, rows: list[dict[str, Any]]) -> None:
-    rows = rows[:MAX_PER_STEP]
-    images, caps = [], []
+    images, caps, missing = [], [], []
     for s in rows:
         try:
             images.append(common.sample_png(db, run_id, s["path"]))
         except FileNotFoundError:
-            continue  # the file was deleted since it was registered
+            missing.append(s["path"])  # the file was deleted since it was registered
+            continue
         caps.append(f"{s['prompt']} (seed {s['seed']}, step {s['step']})")
     common.show_images(images, caps)
+    if missing:
+        st.caption(f"{len(missing)} registered samples are missing on disk: {', '.join(missing)}")
+
+
+def final_metrics_ui(run: dict[str, Any], metrics: dict[str, list[tuple[int, float]]]) -> None:
+    """The run's results: its trial's objective values and each metric's last logged value."""
+    st.subheader("Results")
+    if run["values"]:
+        st.caption("Trial objective values: " + ", ".join(common.fmt(v) for v in run["values"]))
+    if not metrics:
+        st.info("No metrics logged yet.")
+        return
+    rows = []
+    for name in sorted(metrics):
+        step, value = max(metrics[name])  # the latest step
+        rows.append({"metric": name, "final value": common.fmt(value), "at step": step})
+    st.dataframe(rows, hide_index=True, key="run_final")
 
 
 def main() -> None:
@@ -125,21 +142,33 @@ def main() -> None:
         return
     ids = [r["run_id"] for r in runs]
     asked = st.query_params.get("run")
+    if asked is not None and asked not in ids:
+        st.error(
+            f"No run {asked!r} in this work directory (a mistyped or deleted id?). Pick one "
+            f"of its {len(ids)} runs below."
+        )
     run_id = st.selectbox(
         "Run",
         ids,
-        index=ids.index(asked) if asked in ids else 0,
+        index=ids.index(asked) if asked in ids else (0 if asked is None else None),
+        placeholder="Choose a run",
         key="run_pick",
         format_func=lambda i: f"{i} ({runs[ids.index(i)]['state'] or 'no trial'})",
     )
+    if run_id is None:
+        return
+    if run_id != asked:
+        st.query_params["run"] = run_id  # the URL names the run on screen
     run = _run(db, run_id)
     if run is None:
         st.warning(f"Run {run_id} disappeared from the store.")
         return
     status_ui(run)
-    with st.expander("Config"):
-        st.json(run["config"], expanded=2)
-    curves_ui(_metrics(db, run_id))
+    metrics = _metrics(db, run_id)
+    final_metrics_ui(run, metrics)
+    st.subheader("Settings")
+    st.json(run["config"], expanded=2)
+    curves_ui(metrics)
     samples_ui(db, run_id, _samples(db, run_id))
 
 

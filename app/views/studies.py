@@ -108,9 +108,22 @@ def main() -> None:
         return
     names = [s["name"] for s in studies]
     asked = st.query_params.get("study")
+    if asked is not None and asked not in names:
+        st.error(
+            f"No study {asked!r} in this work directory (a mistyped or deleted name?). Pick "
+            f"one of its {len(names)} studies below."
+        )
     name = st.selectbox(
-        "Study", names, index=names.index(asked) if asked in names else 0, key="st_study"
+        "Study",
+        names,
+        index=names.index(asked) if asked in names else (0 if asked is None else None),
+        placeholder="Choose a study",
+        key="st_study",
     )
+    if name is None:
+        return
+    if name != asked:
+        st.query_params["study"] = name  # the URL names the study on screen
     s = studies[names.index(name)]
     st.caption(
         f"{s['trials']} trials: {s['complete']} complete, {s['running']} running, "

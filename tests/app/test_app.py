@@ -4,9 +4,14 @@ token, and move the leaderboard."""
 
 from __future__ import annotations
 
+import base64
+import io
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 MAIN = Path(__file__).resolve().parents[2] / "app" / "main.py"
@@ -34,6 +39,26 @@ def _table(at: AppTest, index: int = 0) -> list[dict]:
     return at.dataframe[index].value.to_dict("records")
 
 
+def _shown_pngs(at: AppTest) -> list[bytes]:
+    """The bytes of every data-URI image the page sent (the rating page's images)."""
+    uris = re.findall(
+        r"data:image/png;base64,([A-Za-z0-9+/=]+)", " ".join(m.value for m in at.markdown)
+    )
+    return [base64.b64decode(u) for u in uris]
+
+
+def _image_captions(at: AppTest) -> list[str]:
+    return [c for image in at.image for c in image.captions]
+
+
+def _progress(at: AppTest) -> str:
+    return at.get("progress")[0].proto.text
+
+
+def _vote_buttons(at: AppTest) -> list:
+    return [b for b in at.button if (b.key or "").startswith("vote_")]
+
+
 def test_leaderboard_shows_ratings_matrix_provenance_and_reliability(arena) -> None:
     at = _app()
     rows = _table(at)
@@ -47,7 +72,9 @@ def test_leaderboard_shows_ratings_matrix_provenance_and_reliability(arena) -> N
     provenance = {r["provenance"]: r["value"] for r in at.table[0].value.to_dict("records")}
     assert provenance["run"] == "toy/0" and provenance["config hash"] == "hash0"
     assert provenance["sampler"] == "euler" and provenance["steps"] == "8"
-    assert len(at.image) == 4  # c-good's renders
+    # The public page never shows the renders raters judge blind (they would identify sides).
+    assert len(at.image) == 0 and _shown_pngs(at) == []
+    assert any("4 renders in the arena rotation (not shown" in c.value for c in at.caption)
     raters = _table(at, 1)
     assert raters[0]["rater"] == "ana-lima" and raters[0]["gold pairs"] == 0
 
@@ -75,7 +102,7 @@ def test_a_vote_is_stored_and_moves_the_leaderboard(arena, monkeypatch) -> None:
     at = _app("views/rate.py", token=arena.token)
     pair = at.session_state["rate_pair"]
     assert [b.label for b in at.button] == ["A is better", "B is better", "Tie", "Both bad", "Undo"]
-    assert len(at.image) == 2
+    assert len(_shown_pngs(at)) == 2
     at.button(key="vote_right").click().run()
     votes = _human_votes(arena)
     assert len(votes) == 1
@@ -176,8 +203,23 @@ def test_run_page_shows_status_config_curves_and_samples(arena) -> None:
     assert at.json[0].value and '"sampler": "mode"' in at.json[0].value
     assert [c.proto.spec for c in at.get("plotly_chart")]  # the loss curve
     # Two sample sets across training (a slider picks one) and the final set, 2 images each.
-    assert [h.value for h in at.subheader] == ["Samples across training", "Final samples"]
+    assert [h.value for h in at.subheader] == [
+        "Results",
+        "Settings",
+        "Samples across training",
+        "Final samples",
+    ]
     assert len(at.image) == 4
+    # Sent as PNG (Streamlit's "auto" would re-encode these opaque PNGs as JPEG, ".jpg").
+    assert all(url.endswith(".png") for image in at.image for url in image.value)
+    # Final metrics: each metric's last value (fixture: domain_fid = 50 - step + 5 * trial).
+    final = {r["metric"]: r for r in _table(at)}
+    assert final["domain_fid"]["final value"] == "20" and final["domain_fid"]["at step"] == 40
+    assert final["train/loss"]["at step"] == 40
+    assert set(_image_captions(at)) >= {
+        "a red circle (seed 0, step 40)",
+        "a blue circle (seed 0, step 40)",
+    }
     at.select_slider(key="run_tag").set_value("step_000020").run()
     assert len(at.image) == 4
 
@@ -190,6 +232,65 @@ def test_run_page_opens_the_run_named_in_the_url(arena) -> None:
     at.run()
     assert at.selectbox(key="run_pick").value == "toy/1"
     assert not at.error
+
+
+def test_run_page_shows_the_trial_values_of_a_completed_run(arena) -> None:
+    at = AppTest.from_file(str(MAIN), default_timeout=60)
+    at.run()
+    at.query_params["run"] = "toy/1"
+    at.switch_page("views/runs.py")
+    at.run()
+    assert any(c.value == "Trial objective values: 25" for c in at.caption)
+
+
+def test_run_page_shows_every_sample_with_its_prompt(arena) -> None:
+    """A run with more samples per set than one grid row holds: all of them, each captioned
+    with its prompt."""
+    run = arena.workdir / "runs-extra" / "big"
+    prompts = [f"prompt number {k}" for k in range(15)]
+    arena.store.register_run("extra/big", run, {"seed": 0}, "hashbig")
+    rows = []
+    for k, prompt in enumerate(prompts):
+        path = run / "samples" / "final" / f"p{k}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (k * 10, 0, 0)).save(path)
+        rows.append(("extra/big", f"final/p{k}.png", "final", 10, k, prompt, 0, 8, 3.0, "x"))
+    with arena.store.transaction() as con:
+        con.executemany(
+            "INSERT INTO samples (run_id, path, tag, step, prompt_id, prompt, seed, nfe, cfg, "
+            "sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+    at = AppTest.from_file(str(MAIN), default_timeout=60)
+    at.run()
+    at.query_params["run"] = "extra/big"
+    at.switch_page("views/runs.py")
+    at.run()
+    assert not at.exception
+    assert len(at.image) == 15
+    captions = set(_image_captions(at))
+    assert all(f"{p} (seed 0, step 10)" in captions for p in prompts)
+
+
+@pytest.mark.parametrize(
+    ("page", "param", "key", "what"),
+    [
+        ("views/runs.py", "run", "run_pick", "run"),
+        ("views/studies.py", "study", "st_study", "study"),
+    ],
+)
+def test_an_unknown_id_in_the_url_says_so_and_shows_nothing_else(
+    arena, page: str, param: str, key: str, what: str
+) -> None:
+    at = AppTest.from_file(str(MAIN), default_timeout=60)
+    at.run()
+    at.query_params[param] = "no-such-thing"
+    at.switch_page(page)
+    at.run()
+    assert not at.exception
+    assert at.error and at.error[0].value.startswith(f"No {what} 'no-such-thing'")
+    assert at.selectbox(key=key).value is None  # not silently another run or study
+    assert not at.json and not at.dataframe and not at.image
 
 
 def test_a_missing_render_is_skipped_not_a_crash(arena, monkeypatch) -> None:
@@ -239,3 +340,68 @@ def test_harness_app_listens_locally_and_hides_error_details(
         flags = dict(zip(commands[-1], commands[-1][1:], strict=False))
         assert flags["--server.address"] == address
         assert flags["--client.showErrorDetails"] == "none"
+
+
+def test_rating_page_sends_the_render_files_pixels_losslessly_in_a_frame(
+    arena, monkeypatch
+) -> None:
+    """The images on the rating page are the render files' own PNG bytes (no JPEG re-encode,
+    no resize): decoding what the page sends gives the file's pixels exactly."""
+    from harness.voting import render_image
+
+    monkeypatch.setattr("harness.voting.GOLD_RATE", 0.0)
+    at = _app("views/rate.py", token=arena.token)
+    pair = at.session_state["rate_pair"]
+    sent = _shown_pngs(at)
+    assert len(sent) == 2
+    for side, png in zip(pair.sides, sent, strict=True):
+        original = render_image(arena.store, side, pair.prompt_id, pair.seed)
+        with Image.open(io.BytesIO(png)) as a, Image.open(io.BytesIO(original)) as b:
+            assert a.format == "PNG"
+            assert np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))
+    html = " ".join(m.value for m in at.markdown)
+    assert html.count("border: 2px solid #808080") == 2  # the frame around each image
+
+
+def test_a_session_ends_after_its_goal_and_another_can_start(arena, monkeypatch) -> None:
+    monkeypatch.setattr("harness.voting.GOLD_RATE", 0.0)
+    at = _app("views/rate.py", token=arena.token)
+    first_session = at.session_state["rate_session"]
+    assert _progress(at) == "0 of 20 votes this session"
+    for k in range(1, 21):
+        at.button(key="vote_left").click().run()
+        assert not at.exception
+        assert _progress(at) == f"{k} of 20 votes this session"
+    assert len(_human_votes(arena)) == 20
+    assert any("Session complete: 20 votes" in s.value for s in at.success)
+    assert [b.key for b in _vote_buttons(at)] == ["vote_undo"]  # no 21st pair to vote on
+    assert _shown_pngs(at) == []
+    assert at.metric[0].value == "20"
+    at.button(key="vote_undo").click().run()  # the last vote can still be taken back
+    assert _progress(at) == "19 of 20 votes this session" and len(_shown_pngs(at)) == 2
+    at.button(key="vote_both_bad").click().run()
+    assert any("Session complete: 20 votes" in s.value for s in at.success)
+    assert [v["outcome"] for v in _human_votes(arena)].count("both_bad") == 1
+    at.button(key="rate_new_session").click().run()
+    assert _progress(at) == "0 of 20 votes this session"
+    assert at.session_state["rate_session"] != first_session
+    at.button(key="vote_tie").click().run()
+    assert _progress(at) == "1 of 20 votes this session"
+    assert len(_human_votes(arena)) == 21
+
+
+def test_a_token_revoked_mid_session_casts_no_more_votes(arena, monkeypatch) -> None:
+    """`harness raters add NAME --new-token` while the old link's page is open: its next
+    click records nothing (the vote re-checks the token against the store)."""
+    from harness.raters import add_rater
+
+    monkeypatch.setattr("harness.voting.GOLD_RATE", 0.0)
+    at = _app("views/rate.py", token=arena.token)
+    at.button(key="vote_left").click().run()
+    assert len(_human_votes(arena)) == 1
+    rid, new = add_rater(arena.store, "Ana Lima", rotate=True)
+    assert rid == arena.rater_id and new != arena.token
+    at.button(key="vote_right").click().run()
+    assert len(_human_votes(arena)) == 1
+    assert at.error and "not valid" in at.error[0].value
+    assert not _vote_buttons(at)
