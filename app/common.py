@@ -75,6 +75,18 @@ def leaderboard(db: str, filters: data.Filters) -> tuple[list[dict[str, Any]], d
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
+def choice_params(db: str) -> list[str]:
+    return data.choice_params(_store(db))
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def choice_effects(
+    db: str, param: str, rater_kind: str | None, style: tuple[str, ...]
+) -> dict[str, Any]:
+    return data.choice_effects(_store(db), param, rater_kind, style)
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
 def filter_options(db: str) -> dict[str, list[str]]:
     return data.filter_options(_store(db))
 

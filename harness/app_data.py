@@ -112,6 +112,34 @@ def leaderboard(
     return rows, matrix
 
 
+def choice_params(store: Store) -> list[str]:
+    """The training parameters searched by the trials whose runs are contestants: what the
+    leaderboard's effect view offers (``harness.arena_effects.choice_effects``)."""
+    rows = store.query(
+        "SELECT DISTINCT t.params FROM contestants c JOIN runs r USING (run_id) "
+        "JOIN trials t ON t.study = r.study AND t.number = r.trial WHERE t.params IS NOT NULL"
+    )
+    names: set[str] = set()
+    for r in decode_json(rows, "params"):
+        if isinstance(r["params"], dict):
+            names.update(r["params"])
+    return sorted(names)
+
+
+def choice_effects(
+    store: Store, param: str, rater_kind: str | None, style: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """``harness leaderboard --by PARAM`` as a dict (``ChoiceEffects.to_json``), or
+    ``{"error": message}`` when the votes cannot answer (no votes with the parameter, a level
+    that never lost): the page shows the message."""
+    from harness.arena_effects import choice_effects as compute
+
+    try:
+        return compute(store, param, rater_kind, style).to_json()  # type: ignore[arg-type]
+    except ValueError as err:
+        return {"error": str(err)}
+
+
 def filter_options(store: Store) -> dict[str, list[str]]:
     """Values the leaderboard filters offer: raters per kind, prompt categories, studies."""
     raters = store.query("SELECT rater_id, kind FROM raters ORDER BY rater_id")

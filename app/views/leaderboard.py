@@ -44,10 +44,19 @@ def filters_ui(options: dict[str, list[str]]) -> Filters:
 def table_ui(rows: list[dict[str, Any]]) -> str | None:
     """The leaderboard table; returns the contestant whose row is selected (default: the top)."""
     votes = sum(r["battles"] for r in rows) // 2
+    flip = rows[0].get("top_flip_votes")
+    cap = rows[0].get("top_flip_cap")
+    robustness = (
+        f"Removing {flip} vote{'s' if flip != 1 else ''} changes the top"
+        if flip is not None
+        else f"No {cap} removed votes change the top"
+    )
     st.caption(
         f"{len(rows)} contestants, {votes} votes. Bradley-Terry ratings (400 points = 10:1 odds, "
         "mean 1000) with 95% bootstrap intervals; contestants whose intervals overlap share a "
-        "rank. Ties and 'both bad' count half. Click a row for its provenance."
+        "rank. Ties and 'both bad' count half. Provisional: fewer than 20 votes (interval at "
+        f"least the ridge fit's normal one). {robustness} (found greedily: an upper bound, the "
+        "true minimum is at most this). Click a row for its provenance."
     )
     table = [
         {
@@ -59,6 +68,7 @@ def table_ui(rows: list[dict[str, Any]]) -> str | None:
             "votes": r["battles"],
             "win rate": r["win_rate"],
             "elo": round(r["elo"], 1),
+            "provisional": bool(r.get("provisional")),
         }
         for r in rows
     ]
@@ -76,6 +86,55 @@ def table_ui(rows: list[dict[str, Any]]) -> str | None:
     # A selection made under other filters may point past the end of this table.
     return (
         rows[picked[0]]["contestant"] if picked and picked[0] < len(rows) else rows[0]["contestant"]
+    )
+
+
+def effects_ui(db: str, filters: Filters) -> None:
+    """The effect of a training choice on win odds (``harness leaderboard --by PARAM``)."""
+    params = common.choice_params(db)
+    if not params:
+        st.caption("No contestant comes from a study's trial: no training choices to compare.")
+        return
+    c1, c2 = st.columns([2, 1])
+    param = c1.selectbox("Training choice", params, key="lb_effect_param")
+    style = c2.multiselect(
+        "Control for style",
+        ["brightness", "saturation"],
+        key="lb_effect_style",
+        placeholder="none",
+        help="add the images' brightness / saturation difference as covariates, as LMArena's "
+        "style control does: does the choice still win once style is accounted for?",
+    )
+    report = common.choice_effects(db, param, filters.rater_kind, tuple(style))
+    if "error" in report:
+        st.info(report["error"])
+        return
+    table = []
+    for r in report["rows"]:
+        if r["kind"] == "baseline":
+            ratio = "1 (reference)"
+        else:
+            ratio = (
+                f"{r['odds_ratio']:.2f} [{r['odds_ratio_lower']:.2f}, {r['odds_ratio_upper']:.2f}]"
+            )
+        table.append(
+            {
+                "value": (f"style: {r['name']}" if r["kind"] == "style" else r["name"]),
+                "odds ratio of winning [95%]": ratio,
+                "log-odds ± SE": f"{r['log_odds']:+.2f} ± {r['se']:.2f}",
+                "votes": r["votes"],
+                "contestants": r["contestants"],
+                "verdict": r["verdict"],
+            }
+        )
+    st.dataframe(table, hide_index=True, key="lb_effects")
+    left_out = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in report["left_out"].items() if v)
+    st.caption(
+        f"Contextual Bradley-Terry over {report['votes']} votes and {report['contestants']} "
+        f"contestants: each value against {report['baseline']}, seed replicas pooled, a "
+        f"ridge-shrunk residual per contestant (sd {report['residual_sd']} nats); 95% Wald "
+        "intervals; 'not resolved' when the interval includes 1. Of the filters above only "
+        "the rater kind applies here." + (f" Left out: {left_out}." if left_out else "")
     )
 
 
@@ -191,6 +250,8 @@ def main() -> None:
         cid = table_ui(rows)
         with st.expander("Win-rate matrix", expanded=len(rows) <= 12):
             matrix_ui(matrix)
+        with st.expander("Effect of a training choice on win odds", expanded=True):
+            effects_ui(db, filters)
         if cid is not None:
             contestant_ui(db, cid)
     st.subheader("Raters")
