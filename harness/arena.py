@@ -238,6 +238,26 @@ def leaderboard(
     return rate_battles(battles, labels, rounds, seed, confidence=confidence)
 
 
+def rating_intervals(
+    counts: Any, *, rounds: int = 1000, seed: int = 0, confidence: float = 0.95
+) -> tuple[Any, Any, Any, Any]:
+    """(bootstrap ratings, lower, upper, provisional) of aggregated battles: the bootstrap
+    interval, widened for provisional contestants (fewer than
+    :data:`evaluators.ratings.PROVISIONAL_BATTLES`) to at least the ridge fit's Laplace
+    interval, since the bootstrap of a handful of votes only repeats them (one vote: a point).
+    The leaderboard and the judge's ``--until-width`` both read intervals from here."""
+    import numpy as np
+
+    from evaluators.ratings import PROVISIONAL_BATTLES, bootstrap_ratings, laplace_intervals
+
+    ratings = bootstrap_ratings(counts, rounds=rounds, confidence=confidence, seed=seed)
+    provisional = counts.battles.sum(axis=1) < PROVISIONAL_BATTLES
+    lap_lower, lap_upper = laplace_intervals(counts, confidence=confidence)
+    lower = np.where(provisional, np.minimum(ratings.lower, lap_lower), ratings.lower)
+    upper = np.where(provisional, np.maximum(ratings.upper, lap_upper), ratings.upper)
+    return ratings, lower, upper, provisional
+
+
 def rate_battles(
     battles: list[tuple[str, str, str]],
     labels: dict[str, str | None],
@@ -250,28 +270,16 @@ def rate_battles(
     time order; the arena app calls it with battles filtered by judge, category or study."""
     import numpy as np
 
-    from evaluators.ratings import (
-        PROVISIONAL_BATTLES,
-        aggregate,
-        bootstrap_ratings,
-        laplace_intervals,
-        online_elo,
-        rank_with_intervals,
-        top_flip,
-    )
+    from evaluators.ratings import aggregate, online_elo, rank_with_intervals, top_flip
 
     if not battles:
         return []
     counts = aggregate(battles)
-    ratings = bootstrap_ratings(counts, rounds=rounds, confidence=confidence, seed=seed)
+    ratings, lower, upper, provisional = rating_intervals(
+        counts, rounds=rounds, seed=seed, confidence=confidence
+    )
     elo = online_elo(battles)
     played = counts.battles.sum(axis=1)
-    provisional = played < PROVISIONAL_BATTLES
-    # With few votes the bootstrap repeats them and its interval collapses (one vote: a point);
-    # provisional contestants get at least the ridge fit's Laplace interval, ranks follow.
-    lap_lower, lap_upper = laplace_intervals(counts, confidence=confidence)
-    lower = np.where(provisional, np.minimum(ratings.lower, lap_lower), ratings.lower)
-    upper = np.where(provisional, np.maximum(ratings.upper, lap_upper), ratings.upper)
     rank = rank_with_intervals(lower, upper)
     flip = top_flip(counts)
     order = [int(k) for k in np.argsort(-ratings.rating, kind="stable")]

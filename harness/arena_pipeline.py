@@ -645,9 +645,10 @@ def interval_widths(
 ) -> dict[str, float]:
     """Each contestant's 95% interval width (upper - lower, rating points) on a leaderboard of
     ``rater_id``'s votes only (among ``names`` when given): the same rows as
-    ``harness leaderboard`` computes (:func:`harness.arena.rate_battles`), so provisional
+    ``harness leaderboard`` computes (:func:`harness.arena.rating_intervals`), so provisional
     contestants get the widened interval. A contestant with no vote is absent."""
-    from harness.arena import NOT_GOLD, rate_battles
+    from evaluators.ratings import aggregate
+    from harness.arena import NOT_GOLD, rating_intervals
 
     rows = store.query(
         f"SELECT left_id, right_id, outcome FROM comparisons WHERE rater_id = ? AND {NOT_GOLD} "
@@ -660,8 +661,12 @@ def interval_widths(
         for r in rows
         if keep is None or (r["left_id"] in keep and r["right_id"] in keep)
     ]
-    board = rate_battles(battles, {}, rounds=rounds)
-    return {r["contestant"]: r["upper"] - r["lower"] for r in board}
+    if not battles:
+        return {}
+    # Only the intervals: not the Elo and top-flip search of a full leaderboard, every round.
+    counts = aggregate(battles)
+    _, lower, upper, _ = rating_intervals(counts, rounds=rounds)
+    return {name: float(upper[k] - lower[k]) for k, name in enumerate(counts.names)}
 
 
 def _fresh_left(store: Store, rater_id: str, names: Sequence[str]) -> int:

@@ -245,22 +245,24 @@ def test_run_page_shows_status_config_curves_and_samples(arena) -> None:
     assert len(at.image) == 4
 
 
-def test_run_page_opens_the_run_named_in_the_url(arena) -> None:
+def _run_page(run_id: str) -> AppTest:
+    """The run page opened by its URL (``?run=ID``)."""
     at = AppTest.from_file(str(MAIN), default_timeout=60)
     at.run()
-    at.query_params["run"] = "toy/1"
+    at.query_params["run"] = run_id
     at.switch_page("views/runs.py")
     at.run()
+    return at
+
+
+def test_run_page_opens_the_run_named_in_the_url(arena) -> None:
+    at = _run_page("toy/1")
     assert at.selectbox(key="run_pick").value == "toy/1"
     assert not at.error
 
 
 def test_run_page_shows_the_trial_values_of_a_completed_run(arena) -> None:
-    at = AppTest.from_file(str(MAIN), default_timeout=60)
-    at.run()
-    at.query_params["run"] = "toy/1"
-    at.switch_page("views/runs.py")
-    at.run()
+    at = _run_page("toy/1")
     assert any(c.value == "Trial objective values: 25" for c in at.caption)
 
 
@@ -282,11 +284,7 @@ def test_run_page_shows_every_sample_with_its_prompt(arena) -> None:
             "sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
-    at = AppTest.from_file(str(MAIN), default_timeout=60)
-    at.run()
-    at.query_params["run"] = "extra/big"
-    at.switch_page("views/runs.py")
-    at.run()
+    at = _run_page("extra/big")
     assert not at.exception
     assert len(at.image) == 15
     captions = set(_image_captions(at))

@@ -257,16 +257,24 @@ def test_a_seeded_sampler_proposes_new_configurations_after_a_restart(tmp_path: 
     assert twin.spec.suggest(t1) == again_params
 
 
+def _one_trial_then_restart(runner: StudyRunner, tmp_path: Path) -> optuna.Study:
+    """Tell one trial, restart the runner (a new StudyRunner on the same work dir), tell a
+    second; the restarted study."""
+
+    def ask_tell(study: optuna.Study, value: float) -> None:
+        trial = study.ask()
+        runner.spec.suggest(trial)
+        _tell(study, trial, values=[value])
+
+    ask_tell(runner.open_study(), 0.0)
+    again = StudyRunner(runner.spec, tmp_path / "work").open_study()
+    ask_tell(again, 1.0)
+    return again
+
+
 def test_a_grid_design_still_runs_each_configuration_once_across_restarts(tmp_path: Path) -> None:
     runner = make_runner(tmp_path, {"timesteps.sampler": ["uniform", "cosmap"]}, design="grid")
-    study = runner.open_study()
-    trial = study.ask()
-    runner.spec.suggest(trial)
-    _tell(study, trial, values=[1.0])
-    again = StudyRunner(runner.spec, tmp_path / "work").open_study()
-    second = again.ask()
-    runner.spec.suggest(second)
-    _tell(again, second, values=[2.0])
+    again = _one_trial_then_restart(runner, tmp_path)
     assert {t.params["timesteps.sampler"] for t in again.trials} == {"uniform", "cosmap"}
     assert len(again.trials) == 2
 
@@ -300,17 +308,8 @@ def test_the_grid_sampler_takes_the_next_grid_point_after_a_restart(tmp_path: Pa
     # shuffles its grid ids, so a reseeded one would map trial 1's id to trial 0's point.
     runner = make_runner(tmp_path, {"timesteps.sampler": ["uniform", "cosmap"]})
     assert runner.spec.optuna.sampler == "grid" and runner.spec.design == "search"
-    study = runner.open_study()
-    first = study.ask()
-    runner.spec.suggest(first)
-    _tell(study, first, values=[1.0])
-    again = StudyRunner(runner.spec, tmp_path / "work").open_study()
-    second = again.ask()
-    runner.spec.suggest(second)
-    assert {first.params["timesteps.sampler"], second.params["timesteps.sampler"]} == {
-        "uniform",
-        "cosmap",
-    }
+    again = _one_trial_then_restart(runner, tmp_path)
+    assert {t.params["timesteps.sampler"] for t in again.trials} == {"uniform", "cosmap"}
 
 
 def test_ingesting_a_resumed_run_dir_again_adds_no_rows(tmp_path: Path) -> None:
