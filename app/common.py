@@ -111,6 +111,15 @@ def render_png(db: str, contestant_id: str, prompt_id: int, seed: int) -> bytes:
     return render_image(_store(db), contestant_id, prompt_id, seed)
 
 
+@st.cache_data(show_spinner=False, max_entries=1024)
+def enhanced_prompts(db: str, contestant_ids: tuple[str, ...], prompt_id: int, seed: int) -> dict:
+    """What a prompt enhancer made of the prompt for each side that has one (renders never
+    change once written)."""
+    from harness.voting import enhanced_prompts as lookup
+
+    return lookup(_store(db), contestant_ids, prompt_id, seed)
+
+
 @st.cache_data(ttl=60, show_spinner=False, max_entries=1024)
 def sample_png(db: str, run_id: str, path: str) -> bytes:
     """A registered sample's PNG, looked up by (run id, path) in the store."""

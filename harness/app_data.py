@@ -246,9 +246,11 @@ def metric_names(store: Store, run_id: str) -> list[str]:
 
 def sample_sets(store: Store, run_id: str) -> list[dict[str, Any]]:
     """The run's samples (``path`` relative to the run's samples/), ordered by step and
-    prompt; the ``final`` set sorts last."""
+    prompt; the ``final`` set sorts last. ``enhanced_prompt``: what a prompt enhancer made of
+    ``prompt`` (None without one)."""
     return store.query(
-        "SELECT path, tag, step, prompt_id, prompt, seed, nfe, cfg, solver FROM samples "
+        "SELECT path, tag, step, prompt_id, prompt, seed, nfe, cfg, solver, "
+        "extra->>'enhanced_prompt' AS enhanced_prompt FROM samples "
         "WHERE run_id = ? ORDER BY (tag = 'final'), step, prompt_id, seed, path",
         [run_id],
     )

@@ -51,12 +51,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
 from harness.store import Store, StoreError, decode_json
+from trainers.config import EnhancerConfig
 from trainers.names import did_you_mean
 
 if TYPE_CHECKING:
     from rich.console import Console
 
     from evaluators.judging import PairItem, PairJudge
+    from trainers.enhance import PromptEnhancer
 
 # The embedded prompts are drawn from the data set's own splits at an index offset of their
 # own, so that they are neither the runs' sample-grid prompts (index 0..) nor the periodic
@@ -80,9 +82,13 @@ def _solvers() -> tuple[str, ...]:
     return get_args(Solver)
 
 
-def contestant_id(run_id: str, solver: str, steps: int, guidance: float) -> str:
-    """``<run_id>@<solver>-<steps>-cfg<guidance>``, e.g. ``timestep/0003/s0@euler-8-cfg3``."""
-    return f"{run_id}@{solver}-{steps}-cfg{float(guidance):g}"
+def contestant_id(
+    run_id: str, solver: str, steps: int, guidance: float, enhancer: str | None = None
+) -> str:
+    """``<run_id>@<solver>-<steps>-cfg<guidance>``, e.g. ``timestep/0003/s0@euler-8-cfg3``;
+    with a prompt enhancer its label follows a ``+`` (``...cfg3+shapes@1a2b3c4d``)."""
+    cid = f"{run_id}@{solver}-{steps}-cfg{float(guidance):g}"
+    return f"{cid}+{enhancer}" if enhancer else cid
 
 
 def parse_int_list(text: str, what: str) -> list[int]:
@@ -116,12 +122,16 @@ def add_run_contestants(
     solver: str = "euler",
     guidance: float = 3.0,
     label: str | None = None,
+    enhancer: EnhancerConfig | None = None,
 ) -> list[AddedContestant]:
     """Register one contestant per (run, steps value) at ``solver`` and ``guidance``.
 
     Every run must be registered in the store and have its export (``run_dir/final``); all runs
     are checked before anything is registered. ``label`` names the contestants in the
     leaderboard (suffixed with the run and/or the setting when several are registered at once).
+    ``enhancer``: the contestant's prompts are rewritten by this prompt enhancer before
+    rendering; it is built (and checked) now, and its config and provenance (backend and
+    version) are part of the contestant (its id ends in ``+<backend>@<version>``).
     """
     solvers = _solvers()
     if solver not in solvers:
@@ -136,6 +146,15 @@ def add_run_contestants(
         raise ArenaError("name at least one run id (see the `runs` table, e.g. timestep/0000/s0)")
     finals = {run_id: _final_dir(store, run_id) for run_id in dict.fromkeys(run_ids)}
     metas = {run_id: _check_export(run_id, final) for run_id, final in finals.items()}
+    enhancer_extra, enhancer_tag = {}, None
+    if enhancer is not None:
+        prov = _build_enhancer(enhancer).provenance()
+        enhancer_extra = {
+            "prompt_enhancer": {"config": enhancer.model_dump(mode="json"), "provenance": prov}
+        }
+        from trainers.enhance import enhancer_label
+
+        enhancer_tag = enhancer_label(prov)
     added = []
     for run_id, final in finals.items():
         meta = metas[run_id]
@@ -147,7 +166,7 @@ def add_run_contestants(
             sampler = meta["distill"]["sampler"]
             run_solver, run_guidance = ("euler" if sampler == "ode" else sampler), 1.0
         for n in steps:
-            cid = contestant_id(run_id, run_solver, n, run_guidance)
+            cid = contestant_id(run_id, run_solver, n, run_guidance, enhancer_tag)
             parts = [label] if label else []
             if label and len(finals) > 1:
                 parts.append(run_id)
@@ -161,10 +180,42 @@ def add_run_contestants(
                 steps=n,
                 guidance=run_guidance,
                 shift=shift,
-                extra={"final_dir": str(final)},
+                extra={"final_dir": str(final)} | enhancer_extra,
             )
             added.append(AddedContestant(cid, run_id, run_solver, n, run_guidance, shift, created))
     return added
+
+
+def _build_enhancer(cfg: EnhancerConfig) -> PromptEnhancer:
+    from trainers.enhance import EnhancerError, build_enhancer
+
+    try:
+        enhancer = build_enhancer(cfg)
+    except EnhancerError as err:
+        raise ArenaError(f"--enhancer: {err}") from None
+    assert enhancer is not None
+    return enhancer
+
+
+def contestant_enhancer(contestant: dict[str, Any]) -> PromptEnhancer | None:
+    """The prompt enhancer a contestant renders with (None: prompts as written), rebuilt from
+    its stored config; refused if it no longer gives the version it was registered with (its
+    renders would mix two rewriters)."""
+    from trainers.enhance import enhancer_label
+
+    stored = (contestant.get("extra") or {}).get("prompt_enhancer")
+    if not stored:
+        return None
+    enhancer = _build_enhancer(EnhancerConfig.model_validate(stored["config"]))
+    now, then = enhancer.provenance(), stored["provenance"]
+    if now.get("version") != then.get("version"):
+        raise ArenaError(
+            f"contestant {contestant['contestant_id']!r} was registered with prompt enhancer "
+            f"{enhancer_label(then)}, but its config now gives {enhancer_label(now)} (the model "
+            "or instruction changed): register it again (`harness arena add ... --enhancer`), "
+            "which gives a new contestant id"
+        )
+    return enhancer
 
 
 def _final_dir(store: Store, run_id: str) -> Path:
@@ -338,6 +389,7 @@ def render_contestants(
     with _progress(progress, console, total, "rendering") as advance:
         for cid, items in todo.items():
             model = _load_contestant_model(store, rows[cid], device)
+            model.enhancer = contestant_enhancer(rows[cid])
             out = render_dir(workdir, cid)
             out.mkdir(parents=True, exist_ok=True)
             for i in range(0, len(items), batch_size):
@@ -390,8 +442,11 @@ def _render_batch(
 
     # generate() draws the initial noise from each item's seed alone (initial_noise), so this
     # image starts from the same noise for every contestant; that is what pairs comparisons.
+    enhancer = getattr(model, "enhancer", None)
+    texts = [p.prompt for p, _ in batch]
+    given = texts if enhancer is None else enhancer.enhance(texts)
     images = model.generate(
-        [p.prompt for p, _ in batch],
+        given,
         [s for _, s in batch],
         steps=contestant["steps"],
         solver=contestant["solver"],
@@ -407,8 +462,10 @@ def _render_batch(
         "shift": contestant["shift"],
         "resolution": list(pixels.shape[1:3]),
     }
+    if enhancer is not None:
+        extra["prompt_enhancer"] = enhancer.provenance()
     rows = []
-    for (p, seed), px in zip(batch, pixels, strict=True):
+    for (p, seed), px, text in zip(batch, pixels, given, strict=True):
         path = (out / f"p{p.prompt_id:06d}_s{seed}.png").resolve()
         Image.fromarray(px).save(path)
         rows.append(
@@ -420,7 +477,9 @@ def _render_batch(
                 "seed": seed,
                 "path": str(path),
                 "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-                "extra": extra,
+                # The original prompt is the render's prompt (what raters judge against); the
+                # text the model was given is kept beside it.
+                "extra": extra | ({"enhanced_prompt": text} if enhancer is not None else {}),
                 "time": time.time(),
             }
         )

@@ -484,6 +484,14 @@ def arena_add(
         ),
     ] = 3.0,
     label: Annotated[str | None, typer.Option("--label", help="display name")] = None,
+    enhancer: Annotated[
+        str | None,
+        typer.Option(
+            "--enhancer",
+            help="rewrite prompts before rendering: shapes, openai[:MODEL] or transformers:PATH "
+            "(a contestant of its own: its id ends in +BACKEND@VERSION)",
+        ),
+    ] = None,
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
 ) -> None:
     """Register contestants: each run's exported model at each sampler setting.
@@ -494,6 +502,7 @@ def arena_add(
         uv run harness arena add timestep/0000/s0 timestep/0001/s0 --steps 8,25 --guidance 3.0
     """
     from harness.arena_pipeline import add_run_contestants, parse_int_list
+    from harness.prompt_following import parse_enhancer
 
     store = _open_store(workdir, create=False)
     with _store_errors():
@@ -504,6 +513,7 @@ def arena_add(
             solver=solver,
             guidance=guidance,
             label=label,
+            enhancer=parse_enhancer(enhancer) if enhancer else None,
         )
     for c in added:
         typer.echo(f"{c.contestant_id}: {'added' if c.created else 'already registered'}")
@@ -994,6 +1004,87 @@ def eval_cmd(
         inception=inception, clip=clip, resize=resize, batch_size=batch_size, device=device,
     )  # fmt: skip
     raise typer.Exit(code)
+
+
+# -- prompt enhancement ------------------------------------------------------------------------
+prompts_app = typer.Typer(
+    help="Prompt enhancement: does rewriting terse prompts make trained models follow them?",
+    no_args_is_help=True,
+)
+app.add_typer(prompts_app, name="prompts")
+
+
+@prompts_app.command("measure")
+def prompts_measure(
+    runs: Annotated[
+        list[str],
+        typer.Argument(help="run ids (timestep/0000/s0) or trials (timestep/0000: every seed)"),
+    ],
+    enhancer: Annotated[
+        str,
+        typer.Option(
+            "--enhancer", help="shapes (embedded, learned), openai[:MODEL] or transformers:PATH"
+        ),
+    ] = "shapes",
+    sets: Annotated[
+        str, typer.Option("--sets", help="comma list of prompt sets: terse, full")
+    ] = "terse,full",
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="sampling seeds 0..K-1")] = 2,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="sampler steps")] = 25,
+    solver: Annotated[str, typer.Option("--solver", help="euler or heun")] = "euler",
+    guidance: Annotated[float, typer.Option("--guidance", min=0.0)] = 3.0,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, ...")] = "cpu",
+    as_json: Annotated[bool, typer.Option("--json", help="print the comparison as JSON")] = False,
+    workdir: WorkdirOpt = DEFAULT_WORKDIR,
+) -> None:
+    """Prompt following with and without a prompt enhancer, over training seeds.
+
+    Renders each run's export on the terse prompt set (1-3 attributes named) and on full
+    captions, as written and enhanced, at the same sampling seeds; scores the attributes each
+    original prompt names with the embedded attribute network; stores every value in the
+    `scores` table with the enhancer's provenance; prints enhanced - as written per set with a
+    95% interval over the runs and a verdict. Example:
+
+        uv run harness prompts measure timestep/0001 --enhancer shapes --workdir work
+    """
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from harness.live import progress_bar
+    from harness.prompt_following import comparisons_json, expand_runs, measure, parse_enhancer
+
+    store = _open_store(workdir, create=False)
+    cfg = parse_enhancer(enhancer)
+    set_names = [s.strip() for s in sets.split(",") if s.strip()]
+    with _store_errors():
+        run_ids = expand_runs(store, runs)
+    with _store_errors(), progress_bar(Console(stderr=True), disable=as_json) as bar:
+        task = bar.add_task("rendering", total=None)
+
+        def advance(n: int, what: str) -> None:
+            bar.update(task, advance=n, description=what)
+
+        _, comparisons, prov = measure(
+            store, run_ids, cfg, sets=set_names, seeds=list(range(seeds)), steps=steps,
+            solver=solver, guidance=guidance, device=device, progress=advance,
+            on_total=lambda n: bar.update(task, total=n),
+        )  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps(comparisons_json(comparisons, prov, run_ids), indent=2))
+        return
+    table = Table(title=f"prompt following, enhancer {prov.get('backend')}@{prov.get('version')}")
+    columns = ("set", "as written", "enhanced", "difference [95% CI]", "seeds", "rewritten")
+    for col in (*columns, "verdict"):
+        table.add_column(col)
+    for c in comparisons:
+        ci = "" if c.n_seeds < 2 else f" [{c.ci_low:+.3f}, {c.ci_high:+.3f}]"
+        table.add_row(
+            c.prompt_set, f"{c.as_written:.3f}", f"{c.enhanced:.3f}", f"{c.estimate:+.3f}{ci}",
+            str(c.n_seeds), f"{c.rewritten:.0%}", c.verdict,
+        )  # fmt: skip
+    Console().print(table)
 
 
 # -- the arena app and its raters ----------------------------------------------------------------

@@ -200,8 +200,25 @@ def _samples_set(
         # The exact (prompt id, prompt, seed) list: two sets are paired only if it matches.
         "prompts_sha256": hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16],
     }
+    enhancer = _enhancer_of(chosen)
+    if enhancer is not None:
+        # The prompt enhancer that rewrote the prompts (backend, version): scores of images made
+        # from other texts are never compared as if paired. Absent without one, so the scores
+        # stored before enhancers existed keep their provenance hash.
+        provenance["prompt_enhancer"] = enhancer
     has_prompts = all(isinstance(p, str) and p for p in prompts)
     return ImageSet(target, kind, images, prompts if has_prompts else None, provenance, data)
+
+
+def _enhancer_of(records: Sequence[dict[str, Any]]) -> Any:
+    """The samples' prompt enhancer provenance (a manifest has it at the top level, the store
+    in ``extra``): one dict, a list if they differ, None if there was none."""
+    found = []
+    for r in records:
+        prov = r.get("prompt_enhancer") or (r.get("extra") or {}).get("prompt_enhancer")
+        if prov is not None and prov not in found:
+            found.append(prov)
+    return found[0] if len(found) == 1 else (found or None)
 
 
 def _folder_files(folder: Path) -> list[Path]:

@@ -27,7 +27,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from harness.store import Direction  # defined once, with the store's schema
 from trainers.names import did_you_mean
@@ -366,10 +373,30 @@ class IntSpace(_Space):
 
 
 class ChoiceSpace(_Space):
-    """``{type: choice, values: [...]}`` (or the shorthand ``[...]``) -> ``suggest_categorical``."""
+    """``{type: choice, values: [...]}`` (or the shorthand ``[...]``) -> ``suggest_categorical``.
+
+    Named choices, ``{type: choice, values: {NAME: VALUE, ...}}``, let a parameter take values
+    Optuna cannot store (lists, mappings: a whole ``curriculum:``): Optuna, ``when:``, the
+    baseline, ``enqueue`` and the reports see the names; only the trainer config gets the
+    values (:meth:`config_value`)."""
 
     type: Literal["choice"]
     values: list[Scalar]
+    named: dict[str, Any] = Field(default_factory=dict)
+    """Name -> the config value it stands for (empty: the values are the config values)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _named_values(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("values"), dict):
+            if "named" in data:
+                raise ValueError("give named choices as values: {NAME: VALUE}, not named:")
+            names = data["values"]
+            bad = [k for k in names if not isinstance(k, str) or not k]
+            if bad:
+                raise ValueError(f"named choice {_show(bad[0])} must be a non-empty string")
+            return {**data, "values": list(names), "named": dict(names)}
+        return data
 
     @field_validator("values", mode="before")
     @classmethod
@@ -379,9 +406,14 @@ class ChoiceSpace(_Space):
                 if not isinstance(x, str | int | float | bool | type(None)):
                     raise ValueError(
                         f"values[{i}] is {_show(x)}; choices must be strings, numbers, "
-                        "booleans or null (Optuna categorical values)"
+                        "booleans or null (Optuna categorical values); name a list or "
+                        "mapping value: values: {NAME: VALUE, ...}"
                     )
         return v
+
+    def config_value(self, value: Any) -> Any:
+        """The trainer-config value of the choice ``value`` (a name's value when named)."""
+        return copy.deepcopy(self.named[value]) if self.named and value in self.named else value
 
     def suggest(self, trial: optuna.trial.BaseTrial, name: str) -> Scalar:
         """Ask Optuna for this parameter."""
@@ -596,7 +628,7 @@ class StudySpec(BaseModel):
                     for k in unknown
                 ],
             )
-        return _apply(self.base, params)
+        return _apply(self.base, _config_values(self.search, params))
 
     def seeds(self) -> list[int]:
         """The training seeds of every configuration: ``base.seed + 0 .. base.seed + repeats-1``."""
@@ -712,6 +744,14 @@ def _set_dotted(config: dict[str, Any], dotted: str, value: Any) -> None:
             node[part] = {}
         node = node[part]
     node[leaf] = value
+
+
+def _config_values(search: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` with every named choice replaced by the value it names."""
+    return {
+        k: search[k].config_value(v) if isinstance(search.get(k), ChoiceSpace) else v
+        for k, v in params.items()
+    }
 
 
 def _apply(base: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
@@ -1117,7 +1157,8 @@ def _trainer_problems(
     for name, space in search.items():
         witness = _witness(name, search, {})
         for key, value in space.probe_values():
-            rejected = _rejection(model, _apply(base, {**witness, name: value}))
+            trial = _config_values(search, {**witness, name: value})
+            rejected = _rejection(model, _apply(base, trial))
             if rejected:
                 where = f"search.{name}" + (f".{key}" if key != "values" else "")
                 problems.append(
@@ -1130,7 +1171,7 @@ def _trainer_problems(
         for name in _dependency_order(search)[0]:
             if all(r in params and params[r] in v for r, v in search[name].conditions().items()):
                 params[name] = search[name].representative()
-        rejected = _rejection(model, _apply(base, params))
+        rejected = _rejection(model, _apply(base, _config_values(search, params)))
         if rejected:
             problems.append(
                 f"search: the trial {json.dumps(params)} is rejected by the {trainer} trainer "

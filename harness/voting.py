@@ -337,6 +337,19 @@ def render_image(store: Store, contestant_id: str, prompt_id: int, seed: int) ->
     return Path(rows[0]["path"]).read_bytes()
 
 
+def enhanced_prompts(
+    store: Store, contestant_ids: Sequence[str], prompt_id: int, seed: int
+) -> dict[str, str]:
+    """``{contestant: the text its model was given}`` for the renders of (prompt, seed) that a
+    prompt enhancer rewrote (renders of contestants without one are left out)."""
+    rows = store.query(
+        "SELECT contestant_id, extra->>'enhanced_prompt' AS enhanced FROM renders "
+        "WHERE prompt_id = ? AND seed = ? AND contestant_id IN (SELECT unnest(?))",
+        [prompt_id, seed, list(contestant_ids)],
+    )
+    return {r["contestant_id"]: r["enhanced"] for r in rows if r["enhanced"] is not None}
+
+
 def _render_hashes(store: Store, pair: PlannedPair) -> tuple[str | None, str | None]:
     rows = store.query(
         "SELECT contestant_id, sha256 FROM renders WHERE prompt_id = ? AND seed = ? "

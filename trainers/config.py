@@ -76,17 +76,33 @@ class TimestepConfig(Strict):
     logit_mean: float = 0.0
     logit_std: float = Field(1.0, gt=0.0)
     mode_scale: float = 1.29
-    shift: float | Literal["auto"] = 1.0
+    shift: float | Literal["auto", "flux"] = 1.0
     """``t' = s t / (1 + (s - 1) t)`` after sampling; ``auto``: SD3's ``sqrt(m / n)`` with m the
-    number of pixels (or latent cells) and n that of ``base_resolution``."""
+    number of pixels (or latent cells) and n that of ``base_resolution``; ``flux``: Flux's
+    dynamic shift, ``s = exp(mu)`` with mu linear in the image's token count (the ``flux_*``
+    fields below, diffusers' ``calculate_shift`` defaults)."""
     base_resolution: int = Field(32, ge=1)
+    flux_base_seq_len: int = Field(256, ge=1)
+    """Token count (latent cells / patch^2) where mu = ``flux_base_shift``."""
+    flux_max_seq_len: int = Field(4096, ge=2)
+    """Token count where mu = ``flux_max_shift``; mu is linear in between and beyond."""
+    flux_base_shift: float = 0.5
+    flux_max_shift: float = 1.15
 
     @field_validator("shift")
     @classmethod
     def _positive_shift(cls, v: float | str) -> float | str:
-        if v != "auto" and float(v) <= 0:
-            raise ValueError("timesteps.shift must be > 0 or 'auto'")
+        if v not in ("auto", "flux") and float(v) <= 0:
+            raise ValueError("timesteps.shift must be > 0, 'auto' or 'flux'")
         return v
+
+    @model_validator(mode="after")
+    def _flux_range(self) -> TimestepConfig:
+        if self.flux_max_seq_len <= self.flux_base_seq_len:
+            raise ValueError(
+                "timesteps.flux_max_seq_len must be larger than timesteps.flux_base_seq_len"
+            )
+        return self
 
     @model_validator(mode="after")
     def _mode_scale_range(self) -> TimestepConfig:
@@ -113,12 +129,54 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(250, ge=1)
 
 
+EnhancerBackend = Literal["shapes", "openai", "transformers"]
+
+
+class EnhancerConfig(Strict):
+    """A prompt enhancer: rewrites a terse prompt into the kind of caption the model was
+    trained on before it is encoded (``trainers/enhance.py``)."""
+
+    backend: EnhancerBackend
+    """``shapes``: the embedded, learned rewriter for the shapes data; ``openai``: an
+    OpenAI-compatible chat server (``HARNESS_ENHANCER_BASE_URL``, ``HARNESS_ENHANCER_MODEL``,
+    ``HARNESS_ENHANCER_API_KEY`` from the environment, like the judge); ``transformers``: a
+    local causal or sequence-to-sequence language model directory (``path``)."""
+    path: str | None = None
+    """``transformers``: the model directory (config, weights and tokenizer files)."""
+    model: str | None = None
+    """``openai``: the model name (overrides ``HARNESS_ENHANCER_MODEL``)."""
+    instruction: str | None = None
+    """``openai`` / ``transformers``: the rewriting instruction (null: the built-in one)."""
+    max_new_tokens: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _backend_fields(self) -> EnhancerConfig:
+        b = self.backend
+        if b == "transformers" and not self.path:
+            raise ValueError(
+                "prompt_enhancer.path is required for backend 'transformers': the directory "
+                "of a local language model (config.json, weights, tokenizer)"
+            )
+        if b != "transformers" and self.path:
+            raise ValueError(f"prompt_enhancer.path is only for backend 'transformers', not {b!r}")
+        if b != "openai" and self.model:
+            raise ValueError(f"prompt_enhancer.model is only for backend 'openai', not {b!r}")
+        if b == "shapes" and self.instruction:
+            raise ValueError("prompt_enhancer.instruction does not apply to backend 'shapes'")
+        return self
+
+
 class SampleConfig(Strict):
     solver: Solver = "euler"
     steps: int = Field(25, ge=1)
     guidance: float = Field(3.0, ge=0.0)
-    shift: float | None = None
-    """Sampling shift; null uses the shift recorded from training."""
+    shift: float | Literal["auto", "flux"] | None = None
+    """Sampling shift; null uses the shift recorded from training; ``auto`` / ``flux``: the
+    rule of ``timesteps.shift`` of that name at the sampled resolution."""
+    prompt_enhancer: EnhancerConfig | None = None
+    """Rewrite the sample and evaluation prompts before encoding them (null: as written). The
+    samples' manifest and the evaluation keep the original and the rewritten prompt and the
+    enhancer's provenance."""
     prompts: list[str] | None = None
     """Null: the embedded data's fixed prompt set (or the first captions of a folder)."""
     num_prompts: int = Field(16, ge=1)
@@ -184,6 +242,20 @@ class LogConfig(Strict):
         return v
 
 
+class CurriculumStage(Strict):
+    """One stage of ``curriculum:``: from step ``start`` until the next stage's start (the last
+    stage until ``train.steps``)."""
+
+    start: int = Field(ge=0)
+    resolution: int | None = Field(None, ge=8)
+    """Training resolution in this stage (null: ``data.resolution``); at most
+    ``data.resolution``. ``timesteps.shift: auto`` / ``flux`` follow it."""
+    caption_attributes: int | None = Field(None, ge=1)
+    """Embedded data only: captions name this many of the image's attributes (the shape, the
+    caption's noun, and a random subset of the other four per image and step, in the caption's
+    usual order and wording); null: all of them."""
+
+
 class FlowConfig(Strict):
     trainer: Literal["flow"] = "flow"
     seed: int = 0
@@ -196,6 +268,8 @@ class FlowConfig(Strict):
     eval: EvalConfig = EvalConfig()
     repa: RepaConfig = RepaConfig()
     log: LogConfig = LogConfig()
+    curriculum: list[CurriculumStage] = Field(default_factory=list)
+    """Stages by step (``[]``: none): resolution and caption detail per stage."""
 
     @model_validator(mode="after")
     def _repa_backbone(self) -> FlowConfig:
@@ -207,6 +281,47 @@ class FlowConfig(Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _curriculum_stages(self) -> FlowConfig:
+        # Divisibility by the backbone's patch size is checked by the trainer once the denoiser
+        # is built (trainers/curriculum.py: validate_curriculum).
+        prev = -1
+        for i, s in enumerate(self.curriculum):
+            key = f"curriculum.{i}"
+            if i == 0 and s.start != 0:
+                raise ValueError(f"{key}.start must be 0 (the first stage starts training)")
+            if i > 0 and s.start <= prev:
+                raise ValueError(
+                    f"{key}.start {s.start} must be larger than curriculum.{i - 1}.start {prev}"
+                )
+            if s.start >= self.train.steps:
+                raise ValueError(
+                    f"{key}.start {s.start} must be below train.steps {self.train.steps}; "
+                    "drop the stage or train longer"
+                )
+            prev = s.start
+            res = s.resolution
+            if res is not None and res > self.data.resolution:
+                raise ValueError(
+                    f"{key}.resolution {res} is above data.resolution {self.data.resolution}; "
+                    "stages train at or below the data's resolution"
+                )
+            if res is not None and res < self.data.resolution and self.data.vae:
+                raise ValueError(
+                    f"{key}.resolution {res} below data.resolution with data.vae: latents are "
+                    "encoded once at data.resolution (per-stage encoding is not implemented); "
+                    "train in pixels (data.vae null) or drop the stage's resolution"
+                )
+            n = s.caption_attributes
+            if n is not None and n > 5:
+                raise ValueError(f"{key}.caption_attributes {n} must be at most 5 (attributes)")
+            if n is not None and self.data.kind != "shapes":
+                raise ValueError(
+                    f"{key}.caption_attributes needs data.kind shapes (its captions name five "
+                    f"attributes), got {self.data.kind!r}; remove caption_attributes"
+                )
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         data = self.model_dump(mode="json")
         # REPA off at its defaults is left out, so configs written before REPA existed keep
@@ -215,6 +330,15 @@ class FlowConfig(Strict):
             data.pop("repa")
         if self.log == LogConfig():  # likewise: config.json stays as it was by default
             data.pop("log")
+        # Later fields at their defaults are left out likewise (old run directories resume).
+        if not self.curriculum:
+            data.pop("curriculum")
+        if self.sample.prompt_enhancer is None:
+            data["sample"].pop("prompt_enhancer")
+        defaults = TimestepConfig()
+        for key in ("flux_base_seq_len", "flux_max_seq_len", "flux_base_shift", "flux_max_shift"):
+            if getattr(self.timesteps, key) == getattr(defaults, key):
+                data["timesteps"].pop(key)
         return data
 
     def hash(self) -> str:

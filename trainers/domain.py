@@ -785,3 +785,18 @@ def reference_stats(
     mu, sigma = gaussian_stats(_real_features(net, ds.images))
     atomic_write_bytes(path, st_save({"mu": mu.contiguous(), "sigma": sigma.contiguous()}))
     return mu, sigma
+
+
+@torch.no_grad()
+def predict_labels(net: AttributeNet, images: Tensor) -> Tensor:
+    """The attribute network's predicted label per attribute, ``[N, A]`` int64 on the CPU, for
+    images ``[N, 3, H, W]`` in [-1, 1]; run in fixed chunks, so independent of ``N``."""
+    device = _net_device(net)
+    out = []
+    for i in range(0, len(images), _CHUNK):
+        x = net.preprocess(images[i : i + _CHUNK].to(device))
+        _, logits = _run_chunk(net, x)
+        out.append(torch.stack([logits[a].argmax(1) for a in ATTRIBUTE_NAMES], 1).cpu())
+    if not out:
+        return torch.zeros(0, len(ATTRIBUTE_NAMES), dtype=torch.long)
+    return torch.cat(out)

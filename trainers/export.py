@@ -171,6 +171,31 @@ class ExportedModel:
     def shift(self) -> float:
         return float(self.meta["shift"])
 
+    def resolve_shift(self, shift: float | str | None) -> float:
+        """The numeric sampling shift for ``generate(shift=...)``: None -> the recorded one;
+        a number as is; ``auto`` / ``flux`` -> that rule of ``timesteps.shift`` at the export's
+        resolution and token count, with its recorded timesteps config (base resolution,
+        ``flux_*`` line)."""
+        if shift is None:
+            return self.shift
+        if isinstance(shift, str):
+            from trainers.config import TimestepConfig
+            from trainers.timesteps import image_seq_len, resolve_shift_value
+
+            if "timesteps" not in self.meta or "resolution" not in self.meta:
+                raise ValueError(
+                    f"shift={shift!r} needs the export's timesteps config and resolution in "
+                    "harness.json (exports written before they were recorded lack them); "
+                    "pass a number"
+                )
+            _, h, w = self.latent_shape
+            patch = getattr(self.denoiser.transformer.config, "patch_size", None)  # UNet: None
+            cfg = TimestepConfig(**self.meta["timesteps"])
+            return resolve_shift_value(
+                cfg, shift, int(self.meta["resolution"]), image_seq_len(h, w, patch)
+            )
+        return float(shift)
+
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         return tuple(self.meta["latent_shape"])  # type: ignore[return-value]
@@ -191,7 +216,7 @@ class ExportedModel:
         steps: int | None = None,
         solver: str | None = None,
         guidance: float | None = None,
-        shift: float | None = None,
+        shift: float | str | None = None,
     ) -> torch.Tensor:
         """Images in [-1, 1], [N, 3, H, W]; one per (prompt, seed) pair, zipped.
 
@@ -200,7 +225,10 @@ class ExportedModel:
         ``distill``) samples with its own method's sampler and no guidance (the teacher's was
         distilled into it); ``steps`` defaults to the steps it was distilled to. Asking a
         student for a guidance other than 1.0 or a solver other than its own sampler raises
-        ValueError instead of silently ignoring it."""
+        ValueError instead of silently ignoring it. ``shift``: None uses the recorded training
+        shift, a number overrides it, ``auto`` / ``flux`` resolve that rule at the export's
+        resolution (:meth:`resolve_shift`)."""
+        shift = self.resolve_shift(shift)
         distilled = self.meta.get("distill")
         if distilled:
             check_student_arguments(distilled, solver, guidance)
@@ -212,7 +240,7 @@ class ExportedModel:
                 self.latent_shape,
                 sampler=distilled["sampler"],
                 steps=int(steps or distilled.get("steps") or 1),
-                shift=self.shift if shift is None else shift,
+                shift=shift,
                 vae=self.vae,
             )
         return generate_images(
@@ -224,7 +252,7 @@ class ExportedModel:
             steps=25 if steps is None else steps,
             solver=solver or "euler",
             guidance=3.0 if guidance is None else guidance,
-            shift=self.shift if shift is None else shift,
+            shift=shift,
             vae=self.vae,
         )
 

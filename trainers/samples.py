@@ -38,20 +38,26 @@ def write_samples(
     pairs: Sequence[tuple[int, str, int]],
     images: torch.Tensor,
     meta: dict[str, Any],
+    enhanced: Sequence[str] | None = None,
 ) -> None:
     """Save images [N, 3, H, W] in [-1, 1] under samples/<tag>/ and append manifest records.
 
-    pairs: (prompt_id, prompt, seed) per image; meta: step, nfe, cfg (guidance), solver, ...
+    pairs: (prompt_id, prompt, seed) per image; meta: step, nfe, cfg (guidance), solver, ...;
+    enhanced: the prompt each image was generated from when a prompt enhancer rewrote
+    ``prompt`` (recorded as ``enhanced_prompt``; ``prompt`` stays the original).
     """
+    if enhanced is not None and len(enhanced) != len(pairs):
+        raise ValueError(f"{len(enhanced)} enhanced prompts for {len(pairs)} samples")
     folder = run.samples / tag
     folder.mkdir(parents=True, exist_ok=True)
     pixels = to_uint8(images).permute(0, 2, 3, 1).numpy()
     records = []
-    for (pid, prompt, seed), px in zip(pairs, pixels, strict=True):
+    for i, ((pid, prompt, seed), px) in enumerate(zip(pairs, pixels, strict=True)):
         name = f"p{pid:03d}_s{seed}.png"
         Image.fromarray(px).save(folder / name)
         rel = f"{tag}/{name}"
-        records.append(
-            {"prompt_id": pid, "prompt": prompt, "seed": seed, "path": rel, "tag": tag, **meta}
-        )
+        record = {"prompt_id": pid, "prompt": prompt, "seed": seed, "path": rel, "tag": tag}
+        if enhanced is not None:
+            record["enhanced_prompt"] = enhanced[i]
+        records.append(record | meta)
     run.append_manifest(records)

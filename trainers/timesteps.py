@@ -20,7 +20,11 @@ numbers), so the difference of their results is paired rather than confounded wi
 noise. ``cosmap`` exists in diffusers only as a loss weight (``compute_loss_weighting_for_sd3``).
 
 The shift ``t' = s t / (1 + (s - 1) t)`` (SD3 eq. 23) is applied after sampling; ``s > 1`` moves
-mass towards noise, which higher resolutions need. ``auto`` picks SD3's ``s = sqrt(m / n)``.
+mass towards noise, which higher resolutions need. ``auto`` picks SD3's ``s = sqrt(m / n)``;
+``flux`` is Flux's dynamic shift (diffusers ``FluxPipeline``: ``calculate_shift`` and
+``FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="exponential")``):
+``mu`` linear in the token count the denoiser sees, and ``t' = e^mu / (e^mu + (1 / t - 1))``,
+which is the SD3 shift above with ``s = e^mu`` (multiply numerator and denominator by ``t``).
 """
 
 from __future__ import annotations
@@ -72,16 +76,46 @@ def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * t / (1.0 + (shift - 1.0) * t)
 
 
-def resolve_shift(cfg: TimestepConfig, resolution: int) -> float:
-    """The numeric shift used in training.
+def image_seq_len(latent_height: int, latent_width: int, patch_size: int | None) -> int:
+    """The number of tokens the denoiser sees for one image of ``latent_height x latent_width``
+    cells (pixels, or VAE latent cells): ``(h / p) * (w / p)`` for a patch transformer (SD3,
+    PixArt; ``patch_size`` p), the latent cells ``h * w`` for a backbone without patches
+    (``patch_size`` None: the UNet, whose first level sees every cell)."""
+    p = patch_size or 1
+    if latent_height % p or latent_width % p:
+        raise ValueError(
+            f"a {latent_height}x{latent_width} input is not divisible by the patch size {p}; "
+            "pick a resolution that is a multiple of it"
+        )
+    return (latent_height // p) * (latent_width // p)
+
+
+def flux_mu(cfg: TimestepConfig, seq_len: int) -> float:
+    """Flux's ``mu`` for ``seq_len`` tokens: linear through (``flux_base_seq_len``,
+    ``flux_base_shift``) and (``flux_max_seq_len``, ``flux_max_shift``), extrapolated beyond
+    (diffusers' ``calculate_shift``; our tiny images sit far below its 256-token base)."""
+    slope = (cfg.flux_max_shift - cfg.flux_base_shift) / (
+        cfg.flux_max_seq_len - cfg.flux_base_seq_len
+    )
+    return cfg.flux_base_shift + slope * (seq_len - cfg.flux_base_seq_len)
+
+
+def resolve_shift(cfg: TimestepConfig, resolution: int, seq_len: int | None = None) -> float:
+    """The numeric shift used at ``resolution`` (pixels per side) with ``seq_len`` tokens per
+    image (:func:`image_seq_len`; needed for ``flux`` only).
 
     ``auto``: SD3 section 5.3.2, ``s = sqrt(m / n)`` where m and n count the pixels (or latent
     cells: the ratio is the same) of the training and the base resolution. The base resolution
     (``timesteps.base_resolution``, default 32 = the embedded data) is where ``s = 1``; SD3 used
     256x256 as its base and found ``s = 3`` best at 1024x1024 (= sqrt(16) rounded down).
+    ``flux``: ``s = exp(flux_mu(cfg, seq_len))``.
     """
     if cfg.shift == "auto":
         return math.sqrt((resolution * resolution) / (cfg.base_resolution * cfg.base_resolution))
+    if cfg.shift == "flux":
+        if seq_len is None:
+            raise ValueError("timesteps.shift 'flux' needs the image's token count (seq_len)")
+        return math.exp(flux_mu(cfg, seq_len))
     return float(cfg.shift)
 
 
@@ -105,3 +139,18 @@ def sample_timesteps(
 def sampling_schedule(steps: int, shift: float) -> torch.Tensor:
     """The ``steps + 1`` times an ODE solver visits, from 1 (noise) to 0 (data), shifted."""
     return shift_timesteps(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift)
+
+
+def resolve_shift_value(
+    cfg: TimestepConfig, shift: float | str, resolution: int, seq_len: int | None = None
+) -> float:
+    """:func:`resolve_shift` for a shift given apart from ``cfg`` (``sample.shift``, an
+    export's ``generate(shift=...)``): a number is used as is; ``auto`` / ``flux`` follow that
+    rule with ``cfg``'s other fields (base resolution, the ``flux_*`` line)."""
+    if isinstance(shift, str) and shift not in ("auto", "flux"):
+        raise ValueError(f"shift must be a number, 'auto' or 'flux', got {shift!r}")
+    if not isinstance(shift, str):
+        if float(shift) <= 0:
+            raise ValueError(f"shift must be > 0, got {shift}")
+        return float(shift)
+    return resolve_shift(cfg.model_copy(update={"shift": shift}), resolution, seq_len)

@@ -5,7 +5,9 @@ One process (or one per GPU under ``torchrun``) trains, evaluates and writes the
 
 - Resume: every random draw of step ``k`` (batch, caption dropout, t, noise) is a function of
   ``(seed, k, rank)``, so a run restarted from its checkpoint continues exactly as an
-  uninterrupted run would.
+  uninterrupted run would. Curriculum stages (``trainers/curriculum.py``) are a function of the
+  step too (resolution, shift, caption subsets from a ``(seed, step, rank, "captions")``
+  stream), so resuming inside a stage is exact as well.
 - Common random numbers: the batch order depends on ``seed`` only, and caption dropout, the
   uniforms behind t and the noise each have their own generator seeded by
   ``(seed, k, rank, purpose)`` (:func:`step_generators`); every timestep sampler is a transform
@@ -24,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import hashlib
+import json
 import math
 import os
 import signal
@@ -41,16 +45,25 @@ from diffusers.training_utils import EMAModel
 from torch import nn
 
 from trainers.config import ConfigError, FlowConfig, LogConfig, load_config
+from trainers.curriculum import (
+    Stage,
+    downsample,
+    partial_captions,
+    pixels_seen,
+    stage_at,
+    stages,
+    validate_curriculum,
+)
 from trainers.errors import DataError, WeightsError
 from trainers.export import save_export, state_dict_hash
 from trainers.flow import FlowGenerators, FlowLoss, flow_matching_loss, grid_flow_loss
 from trainers.logs import Progress, tee_output
-from trainers.models import build_denoiser, count_parameters
+from trainers.models import PRESETS, build_denoiser, count_parameters
 from trainers.repa import Repa, build_repa
 from trainers.rundir import RunDir
 from trainers.sampling import generate_images, solver_nfe
 from trainers.text import TextEmbeddings, build_text_encoder, split_words
-from trainers.timesteps import resolve_shift
+from trainers.timesteps import image_seq_len, resolve_shift_value
 from trainers.trackers import close_trackers, open_trackers
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -129,6 +142,22 @@ class StepGenerators:
 
     def flow(self) -> FlowGenerators:
         return FlowGenerators(timesteps=self.timesteps, noise=self.noise)
+
+
+def denoiser_patch_size(denoiser: nn.Module) -> int | None:
+    """The built backbone's patch size (SD3, PixArt); None for the UNet, which has none."""
+    return getattr(denoiser.transformer.config, "patch_size", None)
+
+
+def config_patch_size(cfg: FlowConfig) -> int | None:
+    """The patch size ``build_denoiser`` will use (preset, or ``model.overrides.patch_size``);
+    None for the UNet. For the shift needed before the denoiser exists (a post-training
+    trainer checks its initial export's shift while building it)."""
+    if cfg.model.backbone == "unet":
+        return None
+    preset = PRESETS.get(cfg.model.preset)
+    default = preset.patch_size if preset is not None else None
+    return int(cfg.model.overrides.get("patch_size", default or 1))
 
 
 def step_generators(seed: int, step: int, rank: int) -> StepGenerators:
@@ -307,9 +336,21 @@ class FlowTrainer:
         # so that configurations sharing a seed start from the same denoiser (paired seeds).
         torch.manual_seed(cfg.seed)
         self.data = self.load_training_data()
-        self.shift = resolve_shift(cfg.timesteps, cfg.data.resolution)
+        # Curriculum stages (one stage at data.resolution without a curriculum); the shift is
+        # that of the current stage's resolution, recomputed when a stage starts.
+        self.stages = stages(cfg)
+        self.stage: Stage = self.stages[0]
+        self.patch_size = config_patch_size(cfg)
+        validate_curriculum(cfg, self.patch_size)
+        self.shift = self.shift_at(self.stage.resolution)
         self.net = self.build_net().to(self.device)
         denoiser = self.net.denoiser
+        self.patch_size = denoiser_patch_size(denoiser)  # the built model's is authoritative
+        validate_curriculum(cfg, self.patch_size)
+        self.shift = self.shift_at(self.stage.resolution)
+        # Samples, evaluation and the export run at data.resolution; their default shift is
+        # the training rule's there (the last stage's when it is full resolution).
+        self.full_shift = self.shift_at(cfg.data.resolution)
         if cfg.model.backbone in CHANNELS_LAST_BACKBONES:
             denoiser.to(memory_format=torch.channels_last)
         # The trained parameters, by name: the optimizer, the gradient clipping and the EMA see
@@ -346,6 +387,82 @@ class FlowTrainer:
         self.model = self._wrap(self.net)
         self.step = 0
         self.evaluator: Any = None
+        # Built now (main rank: the only one that samples) so that a bad enhancer fails before
+        # training, not at the first evaluation.
+        self.enhancer = self._build_enhancer() if dist_.main else None
+
+    def seq_len(self, resolution: int) -> int:
+        """Tokens per image the denoiser sees at ``resolution`` (pixels per side): patches
+        for a transformer, latent cells for the UNet (``trainers.timesteps.image_seq_len``)."""
+        _, h, w = self.data.sample_shape
+        # A VAE's latents are h / data.resolution times smaller than the pixels.
+        lh = h * resolution // self.cfg.data.resolution
+        lw = w * resolution // self.cfg.data.resolution
+        return image_seq_len(lh, lw, self.patch_size)
+
+    def shift_at(self, resolution: int, shift: float | str | None = None) -> float:
+        """The numeric shift at ``resolution``: ``shift`` (default ``timesteps.shift``)
+        resolved with the token count there (``auto`` / ``flux`` depend on it)."""
+        rule = self.cfg.timesteps.shift if shift is None else shift
+        # Only flux needs the token count (and with it a resolution the patch size divides).
+        seq_len = self.seq_len(resolution) if rule == "flux" else None
+        return resolve_shift_value(self.cfg.timesteps, rule, resolution, seq_len)
+
+    def sync_stage(self, announce: bool = True) -> None:
+        """Enter the curriculum stage of ``self.step`` if it is not the current one: its
+        shift, and a log line on the main rank."""
+        stage = stage_at(self.stages, self.step)
+        if stage == self.stage:
+            return
+        self.stage = stage
+        self.shift = self.shift_at(stage.resolution)
+        if announce and self.dist.main:
+            self.announce_stage()
+
+    def announce_stage(self) -> None:
+        """Log the current curriculum stage (no line without a curriculum)."""
+        if not getattr(self.cfg, "curriculum", None):
+            return
+        s = self.stage
+        words = "all" if s.caption_attributes is None else str(s.caption_attributes)
+        print(
+            f"curriculum stage {s.index} (steps {s.start}-{s.end}) at step {self.step}: "
+            f"resolution {s.resolution}, caption attributes {words}, shift {self.shift:.4g}",
+            flush=True,
+        )
+
+    def curriculum_metrics(self) -> dict[str, float]:
+        """``train/curriculum_stage``, ``train/resolution``, ``train/shift`` of the step just
+        taken, and the cumulative compute proxies ``train/pixels_seen`` (images x pixels per
+        side^2, one channel) and ``train/tokens_seen`` (images x denoiser tokens)."""
+        stage = stage_at(self.stages, self.step - 1)
+        batch = self.cfg.train.batch_size
+        tokens = sum(
+            max(0, min(self.step, s.end) - s.start) * batch * self.seq_len(s.resolution)
+            for s in self.stages
+        )
+        return {
+            "train/curriculum_stage": float(stage.index),
+            "train/resolution": float(stage.resolution),
+            "train/shift": self.shift_at(stage.resolution),
+            "train/pixels_seen": float(pixels_seen(self.stages, self.step, batch)),
+            "train/tokens_seen": float(tokens),
+        }
+
+    def _build_enhancer(self) -> Any:
+        from trainers.enhance import EnhancerError, build_enhancer
+
+        try:
+            enhancer = build_enhancer(self.cfg.sample.prompt_enhancer)
+        except EnhancerError as err:
+            raise ConfigError(f"sample.prompt_enhancer: {err}") from None
+        if enhancer is not None:
+            print(f"prompt enhancer: {json.dumps(enhancer.provenance())}", flush=True)
+        return enhancer
+
+    def enhance(self, prompts: Sequence[str]) -> list[str]:
+        """The prompts the model is given: ``sample.prompt_enhancer``'s rewrites, or as is."""
+        return list(prompts) if self.enhancer is None else self.enhancer.enhance(prompts)
 
     def load_training_data(self) -> TrainData:
         """The images and captions trained on (before :meth:`build_net`): ``data:``'s."""
@@ -443,6 +560,7 @@ class FlowTrainer:
         self.load_extra_state(ckpt)
         torch.set_rng_state(ckpt["torch_rng"])
         self.step = int(ckpt["step"])
+        self.sync_stage(announce=False)  # Session's start line shows the stage's shift
         if self.dist.main:
             self.run.truncate_after(self.step)
         return True
@@ -483,13 +601,19 @@ class FlowTrainer:
         """The flow-matching loss of this step's batch (its draws from :func:`step_generators`:
         batch, caption dropout, t, noise), and the batch's clean images ``x0``; call it inside
         :meth:`autocast`."""
+        self.sync_stage()
+        stage = self.stage
         gens = step_generators(self.cfg.seed, self.step, self.dist.rank)
         idx, drop = self.draw_batch(self.step, gens)
-        x0 = self.data.batch(idx, self.device)
+        x0 = downsample(self.data.batch(idx, self.device), self.stage_side(stage))
         captions = [
             "" if d else self.data.captions[i]
             for i, d in zip(idx.tolist(), drop.tolist(), strict=True)
         ]
+        if stage.caption_attributes is not None:
+            # Its own stream: the other draws of the step are the same with or without it.
+            g = purpose_generator(self.cfg.seed, self.step, self.dist.rank, "captions")
+            captions = partial_captions(captions, stage.caption_attributes, g)
         out = flow_matching_loss(
             lambda x, t: self.model(x, t, captions),
             x0,
@@ -498,6 +622,11 @@ class FlowTrainer:
             gens.flow(),
         )
         return out, x0
+
+    def stage_side(self, stage: Stage) -> int:
+        """The side of the training inputs in ``stage`` (pixels; stages below data.resolution
+        are refused for latent data, so latents keep their side)."""
+        return self.data.sample_shape[1] * stage.resolution // self.cfg.data.resolution
 
     def optimizer_step(self, loss: torch.Tensor) -> float:
         """Back-propagate ``loss``, clip, step the optimizer, the schedule and the EMA, count
@@ -570,10 +699,11 @@ class FlowTrainer:
 
             if self.evaluator is None:
                 self.evaluator = ShapesEvaluator(self.cfg, self.device)
+            gen = self._generator_fn(
+                net, self.cfg.eval.solver, self.cfg.eval.steps, self.cfg.eval.guidance
+            )
             values |= self.evaluator.run(
-                self._generator_fn(
-                    net, self.cfg.eval.solver, self.cfg.eval.steps, self.cfg.eval.guidance
-                ),
+                lambda prompts, seeds: gen(self.enhance(prompts), seeds),
                 images_path=self.run.eval_images(self.step),
                 step=self.step,
             )
@@ -626,7 +756,11 @@ class FlowTrainer:
 
     @property
     def sample_shift(self) -> float:
-        return self.shift if self.cfg.sample.shift is None else self.cfg.sample.shift
+        """The numeric shift of samples and evaluation, at data.resolution: ``sample.shift``
+        (a number, or ``auto`` / ``flux`` resolved there), else the training rule's there."""
+        if self.cfg.sample.shift is None:
+            return self.full_shift
+        return self.shift_at(self.cfg.data.resolution, self.cfg.sample.shift)
 
     def save_samples(self, tag: str) -> None:
         if not self.dist.main:
@@ -637,7 +771,7 @@ class FlowTrainer:
         prompts = sample_prompts(self.cfg, self.data.captions)
         pairs = [(pid, p, seed) for pid, p in enumerate(prompts) for seed in s.seeds]
         images = self._generator_fn(self.ema_model(), s.solver, s.steps, s.guidance)(
-            [p for _, p, _ in pairs], [seed for _, _, seed in pairs]
+            self.enhance([p for _, p, _ in pairs]), [seed for _, _, seed in pairs]
         )
         meta = {
             "step": self.step,
@@ -647,7 +781,11 @@ class FlowTrainer:
             "steps": s.steps,
             "shift": self.sample_shift,
         } | self.sample_meta()
-        write_samples(self.run, tag, pairs, images, meta)
+        enhanced = None
+        if self.enhancer is not None:
+            meta["prompt_enhancer"] = self.enhancer.provenance()
+            enhanced = self.enhance([p for _, p, _ in pairs])
+        write_samples(self.run, tag, pairs, images, meta, enhanced=enhanced)
 
     # -- export -------------------------------------------------------------------------------
     def export(self) -> None:
@@ -665,8 +803,21 @@ class FlowTrainer:
             "text_encoder": self.cfg.text.encoder,
             "weights": "ema",
         } | self.export_info()
+        if getattr(self.cfg, "curriculum", None):  # the shift each stage trained with
+            info["curriculum"] = [
+                dataclasses.asdict(st) | {"shift": self.shift_at(st.resolution)}
+                for st in self.stages
+            ]
+        if isinstance(self.cfg.sample.shift, str):  # auto / flux: the number samples used
+            info["sample_shift"] = self.sample_shift
+        if self.enhancer is not None:  # what the samples and evaluations were rendered with
+            info["prompt_enhancer"] = self.enhancer.provenance()
         save_export(
-            self.run.final, self.export_denoiser(net), net.text_encoder, shift=self.shift, info=info
+            self.run.final,
+            self.export_denoiser(net),
+            net.text_encoder,
+            shift=self.full_shift,
+            info=info,
         )
 
     def export_denoiser(self, net: FlowNet) -> nn.Module:
@@ -681,6 +832,16 @@ class FlowTrainer:
     def fit(self) -> None:
         cfg = self.cfg.train
         ecfg = self.cfg.eval
+        last = self.stages[-1]
+        if self.dist.main and last.resolution < self.cfg.data.resolution:
+            print(
+                f"warning: the last curriculum stage trains at {last.resolution} px but "
+                f"samples, evaluation and the export run at data.resolution "
+                f"{self.cfg.data.resolution}",
+                flush=True,
+            )
+        if self.dist.main:
+            self.announce_stage()
         progress = Progress(total=cfg.steps, start=self.step, enabled=self.dist.main)
         window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
         with progress:
@@ -702,6 +863,7 @@ class FlowTrainer:
                                 "train/lr": self.sched.get_last_lr()[0],
                                 "train/grad_norm": grad_norm,
                             }
+                            | self.curriculum_metrics()
                             | self.extra_metrics(),
                         )
                     progress.set_rate(ips)

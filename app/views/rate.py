@@ -226,8 +226,11 @@ def pair_ui(pair: IssuedPair, rater: Rater) -> bool:
         st.warning(f"Skipped a pair whose image is missing ({err}).")
         st.button("Next pair", key="vote_skip")
         return False
-    for col, name, png in zip(st.columns(2), ("A", "B"), pngs, strict=True):
+    rewritten = common.enhanced_prompts(db, tuple(pair.sides), pair.prompt_id, pair.seed)
+    for col, name, png, side in zip(st.columns(2), ("A", "B"), pngs, pair.sides, strict=True):
         col.markdown(image_html(png, name), unsafe_allow_html=True)
+        if side in rewritten:  # judged against the prompt above; the model was given this
+            col.caption(f"enhanced prompt given to the model: {rewritten[side]}")
     cols = st.columns(len(BUTTONS) + 1)
     for col, (outcome, label, key) in zip(cols, BUTTONS, strict=False):
         col.button(

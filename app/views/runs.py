@@ -109,7 +109,9 @@ def _grid(db: str, run_id: str, rows: list[dict[str, Any]]) -> None:
         except FileNotFoundError:
             missing.append(s["path"])  # the file was deleted since it was registered
             continue
-        caps.append(f"{s['prompt']} (seed {s['seed']}, step {s['step']})")
+        given = s.get("enhanced_prompt")
+        shown = s["prompt"] if given in (None, s["prompt"]) else f"{s['prompt']} -> {given}"
+        caps.append(f"{shown} (seed {s['seed']}, step {s['step']})")
     common.show_images(images, caps)
     if missing:
         st.caption(f"{len(missing)} registered samples are missing on disk: {', '.join(missing)}")

@@ -424,3 +424,34 @@ def test_a_token_revoked_mid_session_casts_no_more_votes(arena, monkeypatch) -> 
     assert len(_human_votes(arena)) == 1
     assert at.error and "not valid" in at.error[0].value
     assert not _vote_buttons(at)
+
+
+def test_rating_page_shows_the_enhanced_prompt_beside_the_original(arena, monkeypatch) -> None:
+    """Renders of a contestant with a prompt enhancer show what the model was given under its
+    image; the prompt raters judge against stays the original."""
+    monkeypatch.setattr("harness.voting.GOLD_RATE", 0.0)
+    with arena.store.transaction() as con:
+        con.execute(
+            "UPDATE renders SET extra = json_object('enhanced_prompt', 'REWRITTEN ' || prompt) "
+            "WHERE contestant_id IN ('c-good', 'c-mid')"
+        )
+    at = _app("views/rate.py", token=arena.token)
+    pair = at.session_state["rate_pair"]
+    assert f"**Prompt:** {pair.prompt}" in " ".join(m.value for m in at.markdown)
+    shown = [c.value for c in at.caption if "enhanced prompt" in c.value]
+    expected = [
+        f"enhanced prompt given to the model: REWRITTEN {pair.prompt}"
+        for side in pair.sides
+        if side in ("c-good", "c-mid")
+    ]
+    assert shown == expected and expected  # every pair of the three has one such side
+
+
+def test_run_page_captions_show_the_enhanced_prompt(arena) -> None:
+    with arena.store.transaction() as con:
+        con.execute(
+            "UPDATE samples SET extra = json_object('enhanced_prompt', 'a big red circle') "
+            "WHERE run_id = 'toy/0' AND prompt_id = 0"
+        )
+    at = _run_page("toy/0")
+    assert "a red circle -> a big red circle (seed 0, step 40)" in set(_image_captions(at))

@@ -492,31 +492,16 @@ def _write_tiny_llava(directory: Path) -> Path:
     """A randomly initialised LLaVA (CLIP vision tower + Llama, hidden size 16) with a
     byte-level BPE tokenizer and a chat template, saved like a downloaded checkpoint."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import (
         CLIPImageProcessor,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
-        PreTrainedTokenizerFast,
     )
 
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-    vocab = {s: i for i, s in enumerate(specials)}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(specials)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
-    )
+    from tests.tokenizers_util import byte_bpe_tokenizer
+
+    tokenizer = byte_bpe_tokenizer(("<image>",), extra_special_tokens={"image_token": "<image>"})
     template = (
         "{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}"
         "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}"
@@ -541,10 +526,10 @@ def _write_tiny_llava(directory: Path) -> Path:
         },
         text_config={
             "model_type": "llama", "num_attention_heads": 2, "num_key_value_heads": 2,
-            "vocab_size": len(vocab), "max_position_embeddings": 4096, "bos_token_id": 1,
+            "vocab_size": len(tokenizer), "max_position_embeddings": 4096, "bos_token_id": 1,
             "eos_token_id": 2, "pad_token_id": 3, **tiny,
         },
-        image_token_index=vocab["<image>"],
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
     )  # fmt: skip

@@ -764,3 +764,71 @@ def test_the_design_option_set_is_its_registry() -> None:
     from harness.spec import DESIGNS, Design
 
     assert tuple(DESIGNS) == get_args(Design)
+
+
+# -- named choices ---------------------------------------------------------------------------------
+CURRICULA = {
+    "none": [],
+    "coarse": [{"start": 0, "resolution": 8}, {"start": 5}],
+}
+
+
+def _named_study(**extra: Any) -> dict[str, Any]:
+    doc = copy.deepcopy(VALID)
+    doc["base"]["data"] = {"resolution": 16}
+    doc["search"] = {
+        "curriculum": {"type": "choice", "values": copy.deepcopy(CURRICULA)},
+        "timesteps.shift": {
+            "type": "choice",
+            "values": [1.0, 2.0],
+            "when": {"curriculum": "coarse"},
+        },
+    }
+    doc.update(design="grid", baseline={"curriculum": "none"}, **extra)
+    doc.pop("trials", None)
+    return doc
+
+
+def test_named_choices_give_optuna_the_names_and_the_trainer_the_values(tmp_path: Path) -> None:
+    spec = load_study(write(tmp_path / "study.yaml", _named_study()))
+    space = spec.search["curriculum"]
+    assert isinstance(space, ChoiceSpace) and space.values == ["none", "coarse"]
+    configs = spec.configurations()
+    assert configs == [
+        {"curriculum": "none"},
+        {"curriculum": "coarse", "timesteps.shift": 1.0},
+        {"curriculum": "coarse", "timesteps.shift": 2.0},
+    ]
+    assert spec.resolve(configs[0])["curriculum"] == []
+    resolved = spec.seed_config(configs[1], 0)
+    assert resolved["curriculum"] == CURRICULA["coarse"]
+    assert parse_config(resolved).curriculum[0].resolution == 8
+    # The names are what Optuna stores: a plain categorical distribution.
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = study.ask()
+    params = spec.suggest(trial)
+    assert params["curriculum"] in ("none", "coarse") and trial.params == params
+    # Resolving twice never shares the list between configs.
+    spec.resolve(configs[1])["curriculum"].append({"start": 9})
+    assert spec.resolve(configs[1])["curriculum"] == CURRICULA["coarse"]
+
+
+def test_named_choices_are_validated_by_the_trainer_config(tmp_path: Path) -> None:
+    doc = _named_study()
+    doc["search"]["curriculum"]["values"]["bad"] = [{"start": 3, "resolution": 8}]
+    text = problems_of_doc(tmp_path, doc)
+    assert 'search.curriculum: "bad" is rejected by the flow trainer config' in text
+    assert "curriculum.0.start must be 0" in text
+
+
+def test_list_choices_without_names_say_how_to_name_them(tmp_path: Path) -> None:
+    doc = _named_study()
+    doc["search"]["curriculum"] = [[], [{"start": 0}]]
+    text = problems_of_doc(tmp_path, doc)
+    assert "values: {NAME: VALUE" in text
+
+
+def problems_of_doc(tmp_path: Path, doc: dict[str, Any]) -> str:
+    with pytest.raises(SpecError) as err:
+        load_study(write(tmp_path / "bad.yaml", doc))
+    return str(err.value)

@@ -9,7 +9,10 @@ from scipy import optimize, special, stats
 from trainers.config import TimestepConfig
 from trainers.timesteps import (
     SAMPLERS,
+    flux_mu,
+    image_seq_len,
     resolve_shift,
+    resolve_shift_value,
     sample_timesteps,
     sampling_schedule,
     shift_timesteps,
@@ -214,3 +217,122 @@ def test_timesteps_are_the_quantiles_of_the_shared_uniform(case: str) -> None:
     u = torch.linspace(0.001, 0.999, 999, dtype=torch.float64)
     t = timesteps_from_uniform(cfg, u, 1.0).double().numpy()
     np.testing.assert_allclose(cdf(t), u.numpy(), atol=2e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flux's dynamic shift against diffusers (FluxPipeline's calculate_shift and the scheduler's
+# exponential time shift), an independent implementation.
+
+FLUX_CFGS = {
+    "defaults": TimestepConfig(shift="flux"),
+    "custom": TimestepConfig(
+        shift="flux",
+        flux_base_seq_len=16,
+        flux_max_seq_len=1024,
+        flux_base_shift=0.3,
+        flux_max_shift=1.6,
+    ),
+}
+SEQ_LENS = [4, 16, 64, 256, 1024, 4096, 8192]
+
+
+def _flux_scheduler(cfg: TimestepConfig):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True,
+        time_shift_type="exponential",
+        base_shift=cfg.flux_base_shift,
+        max_shift=cfg.flux_max_shift,
+        base_image_seq_len=cfg.flux_base_seq_len,
+        max_image_seq_len=cfg.flux_max_seq_len,
+    )
+
+
+@pytest.mark.parametrize("which", list(FLUX_CFGS))
+@pytest.mark.parametrize("seq_len", SEQ_LENS)
+def test_flux_mu_is_diffusers_calculate_shift(which: str, seq_len: int) -> None:
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    cfg = FLUX_CFGS[which]
+    expected = calculate_shift(
+        seq_len,
+        cfg.flux_base_seq_len,
+        cfg.flux_max_seq_len,
+        cfg.flux_base_shift,
+        cfg.flux_max_shift,
+    )
+    assert flux_mu(cfg, seq_len) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    assert resolve_shift(cfg, 32, seq_len) == pytest.approx(np.exp(expected), rel=1e-12)
+
+
+@pytest.mark.parametrize("which", list(FLUX_CFGS))
+@pytest.mark.parametrize("seq_len", SEQ_LENS)
+def test_flux_sampling_schedule_is_diffusers_dynamic_shift(which: str, seq_len: int) -> None:
+    cfg = FLUX_CFGS[which]
+    mu, n = flux_mu(cfg, seq_len), 12
+    shift = resolve_shift(cfg, 32, seq_len)
+    ours = sampling_schedule(n, shift)
+    # FluxPipeline passes sigmas = linspace(1, 1 / n, n), our grid without its final 0; the
+    # scheduler shifts them and appends 0.
+    sched = _flux_scheduler(cfg)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1.0 / n, n), mu=mu)
+    assert len(sched.sigmas) == n + 1 and sched.sigmas[-1] == 0
+    torch.testing.assert_close(sched.sigmas.double(), ours, rtol=1e-6, atol=1e-6)
+    # Its own default grid, linspace(1, sigma_min, n) with sigma_min = 1 / 1000 here: shifting
+    # those same points with our shift gives its sigmas.
+    sched.set_timesteps(num_inference_steps=n, mu=mu)
+    grid = torch.linspace(1.0, sched.sigma_min, n, dtype=torch.float64)
+    torch.testing.assert_close(
+        sched.sigmas[:-1].double(), shift_timesteps(grid, shift), rtol=1e-6, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("seq_len", [16, 256, 4096])
+def test_flux_training_timesteps_are_diffusers_time_shift(seq_len: int) -> None:
+    cfg = FLUX_CFGS["custom"]
+    mu = flux_mu(cfg, seq_len)
+    shift = resolve_shift(cfg, 32, seq_len)
+    assert shift != pytest.approx(1.0)  # the comparison below is not of two identities
+    unshifted = sample_timesteps(cfg, 4096, 1.0, torch.Generator().manual_seed(3)).double()
+    shifted = sample_timesteps(cfg, 4096, shift, torch.Generator().manual_seed(3)).double()
+    expected = _flux_scheduler(cfg).time_shift(mu, 1.0, unshifted)
+    # Both are float32 draws clamped to (1e-5, 1 - 1e-5): compare at float32 precision.
+    torch.testing.assert_close(shifted, expected.clamp(1e-5, 1 - 1e-5), rtol=1e-6, atol=1e-6)
+
+
+def test_flux_shift_grows_with_the_token_count() -> None:
+    cfg = FLUX_CFGS["defaults"]
+    shifts = [resolve_shift(cfg, 32, n) for n in SEQ_LENS]
+    assert shifts == sorted(shifts) and shifts[0] < shifts[-1]
+    assert resolve_shift(cfg, 32, 256) == pytest.approx(np.exp(0.5))
+    assert resolve_shift(cfg, 32, 4096) == pytest.approx(np.exp(1.15))
+
+
+def test_flux_shift_needs_the_token_count() -> None:
+    with pytest.raises(ValueError, match="seq_len"):
+        resolve_shift(TimestepConfig(shift="flux"), 32)
+
+
+def test_image_seq_len_counts_patches_or_latent_cells() -> None:
+    assert image_seq_len(32, 32, 2) == 256
+    assert image_seq_len(16, 8, 4) == 8
+    assert image_seq_len(16, 16, None) == 256  # the UNet: every latent cell
+    with pytest.raises(ValueError, match="patch size 4"):
+        image_seq_len(10, 10, 4)
+
+
+def test_resolve_shift_value() -> None:
+    cfg = TimestepConfig(shift=1.0, base_resolution=16)
+    assert resolve_shift_value(cfg, 2.5, 32) == 2.5
+    assert resolve_shift_value(cfg, "auto", 32) == pytest.approx(2.0)
+    assert resolve_shift_value(cfg, "flux", 32, 256) == pytest.approx(np.exp(0.5))
+    with pytest.raises(ValueError, match="'auto' or 'flux'"):
+        resolve_shift_value(cfg, "sd3", 32)
+    with pytest.raises(ValueError, match="> 0"):
+        resolve_shift_value(cfg, 0.0, 32)
+
+
+def test_flux_config_refuses_an_empty_range() -> None:
+    with pytest.raises(ValueError, match="flux_max_seq_len"):
+        TimestepConfig(shift="flux", flux_base_seq_len=512, flux_max_seq_len=256)

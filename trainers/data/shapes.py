@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 from typing import Literal
@@ -156,6 +157,28 @@ def render_item(
     # value later does not silently shift every image's jitter.
     rng = np.random.default_rng([seed, _SPLIT_STREAM[split], index, 1])
     return render(attrs, resolution, rng), attrs
+
+
+def partial_caption(attrs: ShapeAttrs, names: Iterable[str]) -> str:
+    """A caption of ``attrs`` naming only the attributes in ``names`` (the shape always: it is
+    the caption's noun), in the order and wording of :attr:`ShapeAttrs.caption` with the
+    other attributes left out, e.g. ``a red circle``, ``a large circle on a white
+    background``; all five names give the full caption. Used by curriculum stages with
+    ``caption_attributes`` (``trainers/curriculum.py``)."""
+    named = set(names)
+    unknown = named - set(ATTRIBUTE_NAMES)
+    if unknown:
+        raise ValueError(
+            f"unknown attribute(s) {sorted(unknown)}; allowed: {', '.join(ATTRIBUTE_NAMES)}"
+        )
+    words = ["a"]
+    words += [getattr(attrs, n) for n in ("size", "colour") if n in named]
+    words.append(attrs.shape)
+    if "position" in named:
+        words.append("in the center" if attrs.position == "center" else f"in the {attrs.position}")
+    if "background" in named:
+        words.append(f"on a {attrs.background} background")
+    return " ".join(words)
 
 
 def caption_vocabulary() -> list[str]:
