@@ -298,24 +298,42 @@ def file_prompts(path: str | Path, num_prompts: int | None = None) -> list[Arena
     if not texts:
         raise ArenaError(f"prompts file {path} has no prompts (one per line)")
     texts = texts[:num_prompts] if num_prompts is not None else texts
+    return _text_prompts(str(path), [(t, None) for t in texts])
+
+
+def _text_prompts(where: str, items: Sequence[tuple[str, str | None]]) -> list[ArenaPrompt]:
+    """(text, category) -> prompts with CRC-32 ids; two texts sharing an id are refused."""
     out, seen = [], {}
-    for text in texts:
+    for text, category in items:
         pid = zlib.crc32(text.encode()) & _FILE_ID_MASK
         if pid in seen:
-            raise ArenaError(f"{path}: prompts {seen[pid]!r} and {text!r} share the id {pid}")
+            raise ArenaError(f"{where}: prompts {seen[pid]!r} and {text!r} share the id {pid}")
         seen[pid] = text
-        out.append(ArenaPrompt(pid, text, None))
+        out.append(ArenaPrompt(pid, text, category))
     return out
 
 
+def terse_arena_prompts(num_prompts: int | None = None) -> list[ArenaPrompt]:
+    """The shipped terse prompt set (``trainers/data/terse_prompts.jsonl``: one to three
+    attributes named), for comparing contestants with and without a prompt enhancer; ids are
+    CRC-32 of the text like a file's, categories ``terse-seen`` / ``terse-heldout``."""
+    from trainers.data.terse import terse_prompts
+
+    items = [(p.prompt, f"terse-{p.category}") for p in terse_prompts()][:num_prompts]
+    return _text_prompts("the terse prompt set", items)
+
+
 def load_prompts(source: str, num_prompts: int | None) -> list[ArenaPrompt]:
-    """``"embedded"`` (default count 16) or the path of a text file."""
+    """``"embedded"`` (default count 16), ``"terse"`` (the terse set, default all 96) or the
+    path of a text file."""
     if source == "embedded":
         return embedded_prompts(16 if num_prompts is None else num_prompts)
+    if source == "terse":
+        return terse_arena_prompts(num_prompts)
     if not Path(source).is_file():
         raise ArenaError(
-            f"--prompts {source!r} is neither 'embedded' nor an existing text file"
-            f"{did_you_mean(source, ['embedded'])}"
+            f"--prompts {source!r} is neither 'embedded', 'terse' nor an existing text file"
+            f"{did_you_mean(source, ['embedded', 'terse'])}"
         )
     return file_prompts(source, num_prompts)
 

@@ -496,10 +496,11 @@ def arena_add(
 ) -> None:
     """Register contestants: each run's exported model at each sampler setting.
 
-    Ids read RUN@SOLVER-STEPS-cfgGUIDANCE; adding one again changes nothing. Each run must be
-    registered and have final/. Example:
+    Ids read RUN@SOLVER-STEPS-cfgGUIDANCE[+ENHANCER@VERSION]; adding one again changes nothing.
+    Each run must be registered and have final/. Examples:
 
         uv run harness arena add timestep/0000/s0 timestep/0001/s0 --steps 8,25 --guidance 3.0
+        uv run harness arena add timestep/0001/s0 --steps 25 --enhancer shapes
     """
     from harness.arena_pipeline import add_run_contestants, parse_int_list
     from harness.prompt_following import parse_enhancer
@@ -522,7 +523,11 @@ def arena_add(
 @arena_app.command("render")
 def arena_render(
     prompts: Annotated[
-        str, typer.Option("--prompts", help="'embedded' (shapes captions) or a text file")
+        str,
+        typer.Option(
+            "--prompts",
+            help="'embedded' (shapes captions), 'terse' (1-3 attributes named) or a text file",
+        ),
     ] = "embedded",
     num_prompts: Annotated[
         int | None,

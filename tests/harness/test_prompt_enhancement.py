@@ -219,3 +219,16 @@ def test_enhancer_that_changed_since_registration_is_refused(
     with pytest.raises(ArenaError, match="register it again"):
         render_contestants(store, tmp_path, embedded_prompts(1), [0], progress=False)
     assert not renders(store, added.contestant_id)
+
+
+def test_terse_prompts_for_the_arena():
+    from harness.arena_pipeline import load_prompts
+    from trainers.data.terse import terse_prompts
+
+    got = load_prompts("terse", None)
+    assert [p.prompt for p in got] == [p.prompt for p in terse_prompts()]
+    assert {p.category for p in got} == {"terse-seen", "terse-heldout"}
+    assert len({p.prompt_id for p in got}) == len(got)
+    assert load_prompts("terse", 5) == got[:5]
+    with pytest.raises(ArenaError, match="did you mean 'terse'"):
+        load_prompts("terce", None)
