@@ -1081,15 +1081,22 @@ def prompts_measure(
         return
     table = Table(title=f"prompt following, enhancer {prov.get('backend')}@{prov.get('version')}")
     columns = ("set", "as written", "enhanced", "difference [95% CI]", "seeds", "rewritten")
-    for col in (*columns, "verdict"):
-        table.add_column(col)
+    for col in columns:
+        table.add_column(col, no_wrap=True)
     for c in comparisons:
         ci = "" if c.n_seeds < 2 else f" [{c.ci_low:+.3f}, {c.ci_high:+.3f}]"
         table.add_row(
             c.prompt_set, f"{c.as_written:.3f}", f"{c.enhanced:.3f}", f"{c.estimate:+.3f}{ci}",
-            str(c.n_seeds), f"{c.rewritten:.0%}", c.verdict,
+            str(c.n_seeds), f"{c.rewritten:.0%}",
         )  # fmt: skip
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    console.print(
+        "prompt following: the share of the attributes each original prompt names that the "
+        "attribute network sees; difference = enhanced - as written, paired over the runs"
+    )
+    for c in comparisons:
+        console.print(f"{c.prompt_set}: {c.verdict}")
 
 
 # -- the arena app and its raters ----------------------------------------------------------------

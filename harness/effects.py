@@ -46,6 +46,7 @@ from trainers.rundir import RunDir
 SECONDARY = (
     "attr_acc_mean",
     "heldout_attr_acc_mean",
+    "terse_attr_acc",
     "domain_fid",
     "eval/flow_loss",
     "subject/fidelity",

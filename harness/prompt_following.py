@@ -87,20 +87,18 @@ def parse_enhancer(spec: str) -> EnhancerConfig:
 
 def prompt_set(name: str, *, data_seed: int = 0, num_full: int = 96) -> list[PromptItem]:
     """The ``terse`` or ``full`` prompt set with the labels each prompt names."""
-    from trainers.data.shapes import ATTRIBUTE_NAMES, ATTRIBUTES, sample_attrs
+    from trainers.data.shapes import sample_attrs
 
     _check_set(name)
     if name == "terse":
-        from trainers.data.terse import terse_prompts
+        from trainers.data.terse import named_labels, terse_prompts
 
-        out = []
-        for p in terse_prompts():
-            labels = tuple(
-                ATTRIBUTES[a].index(p.attributes[a]) if a in p.attributes else -1
-                for a in ATTRIBUTE_NAMES
-            )
-            out.append(PromptItem(p.prompt, labels, p.category))
-        return out
+        prompts = terse_prompts()
+        labels = named_labels(prompts)
+        return [
+            PromptItem(p.prompt, tuple(int(x) for x in row), p.category)
+            for p, row in zip(prompts, labels, strict=True)
+        ]
     out = []
     for i in range(num_full):
         split = "val" if i % 2 == 0 else "heldout"
@@ -120,16 +118,6 @@ def set_hash(items: Sequence[PromptItem]) -> str:
     """16 hex digits identifying a prompt set's prompts and labels (score provenance)."""
     blob = json.dumps([[p.prompt, list(p.labels)] for p in items])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def named_accuracy(predicted: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per image: the fraction of named attributes (label >= 0) predicted right ``[N]`` float,
-    and whether all of them are ``[N]`` bool. ``predicted``/``labels``: ``[N, A]`` ints."""
-    named = labels >= 0
-    if not named.any(axis=1).all():
-        raise ValueError("every prompt must name at least one attribute")
-    hit = (predicted == labels) & named
-    return hit.sum(1) / named.sum(1), (hit | ~named).all(1)
 
 
 def expand_runs(store: Store, specs: Sequence[str]) -> list[str]:
@@ -207,6 +195,9 @@ def compare(results: Sequence[RunResult], prompt_set: str) -> Comparison:
         zip(results[0].originals[prompt_set], results[0].enhanced[prompt_set], strict=True)
     )
     changed = sum(o != e for o, e in pairs)
+    verdict = _verdict(effect, prompt_set)
+    if pairs and changed == 0:
+        verdict = "no change: the enhancer returned every prompt as written (the same images)"
     return Comparison(
         prompt_set=prompt_set,
         as_written=float(np.mean([x.mean() for x in b])),
@@ -215,7 +206,7 @@ def compare(results: Sequence[RunResult], prompt_set: str) -> Comparison:
         ci_low=effect.ci_low,
         ci_high=effect.ci_high,
         n_seeds=effect.n_seeds,
-        verdict=_verdict(effect, prompt_set),
+        verdict=verdict,
         rewritten=changed / len(pairs) if pairs else math.nan,
     )
 
@@ -242,6 +233,7 @@ def measure(
     bad enhancer before any image is generated."""
     from evaluators.scores import Score, put_scores
     from harness.arena_pipeline import _final_dir
+    from trainers.data.terse import named_accuracy
     from trainers.domain import load_attribute_net, predict_labels
     from trainers.enhance import EnhancerError, build_enhancer
     from trainers.export import load_export

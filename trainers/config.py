@@ -202,6 +202,12 @@ class EvalConfig(Strict):
     not depend on the training timestep distribution, so it compares samplers on any data."""
     loss_levels: int = Field(8, ge=1)
     """t levels of that grid: t = (k + 0.5) / levels, k = 0 .. levels - 1, unshifted."""
+    terse_prompts: bool = False
+    """Embedded data: also render the shipped terse prompt set (96 prompts naming one to three
+    attributes), through ``sample.prompt_enhancer`` when one is set, and log
+    ``terse_attr_acc`` (the share of the named attributes the attribute network sees) and
+    ``terse_all_named`` (images with every named attribute right): prompt enhancement as a
+    swept choice."""
 
 
 class RepaConfig(Strict):
@@ -335,6 +341,8 @@ class FlowConfig(Strict):
             data.pop("curriculum")
         if self.sample.prompt_enhancer is None:
             data["sample"].pop("prompt_enhancer")
+        if not self.eval.terse_prompts:
+            data["eval"].pop("terse_prompts")
         defaults = TimestepConfig()
         for key in ("flux_base_seq_len", "flux_max_seq_len", "flux_base_shift", "flux_max_shift"):
             if getattr(self.timesteps, key) == getattr(defaults, key):

@@ -142,6 +142,11 @@ class ShapesEvaluator:
             sample_attrs(cfg.data.seed, "heldout", _EVAL_INDEX_OFFSET + i)
             for i in range(max(2, n // 2))
         ]
+        self.terse = None
+        if cfg.eval.terse_prompts:
+            from trainers.data.terse import terse_prompts
+
+            self.terse = terse_prompts()
         self.reference = ref  # (mean, covariance) of the real images' features
         self._metrics = lambda: DomainMetrics(self.net, ref, keep_per_image=True)
         self.last_images: EvalImages | None = None
@@ -172,6 +177,8 @@ class ShapesEvaluator:
             else:  # FID needs the seen distribution; held-out prompts report accuracy only
                 acc = {k: v for k, v in values.items() if k.startswith("attr_")}
                 out.update({prefix + k: float(v) for k, v in acc.items()})
+        if self.terse is not None:
+            out |= self._terse(generate)
         mean, cov = self.reference
         self.last_images = EvalImages(
             attributes=np.array(ATTRIBUTE_NAMES, dtype=str),
@@ -183,3 +190,16 @@ class ShapesEvaluator:
         if images_path is not None:
             write_eval_images(Path(images_path), self.last_images)
         return out
+
+    def _terse(self, generate: GenerateFn) -> dict[str, float]:
+        """``terse_attr_acc`` / ``terse_all_named`` of ``generate``'s images of the terse set
+        (one sampling seed per prompt, 0, 1, ...), scored on the attributes each names."""
+        from trainers.data.terse import named_accuracy, named_labels
+        from trainers.domain import predict_labels
+
+        assert self.terse is not None
+        images = generate([p.prompt for p in self.terse], list(range(len(self.terse))))
+        frac, all_named = named_accuracy(
+            predict_labels(self.net, images).numpy(), named_labels(self.terse)
+        )
+        return {"terse_attr_acc": float(frac.mean()), "terse_all_named": float(all_named.mean())}

@@ -40,7 +40,11 @@ def _eval_metric_names(prefix: str, with_fid: bool) -> list[str]:
 
 
 SHAPES_ONLY_METRICS: frozenset[str] = frozenset(
-    [*_eval_metric_names("", with_fid=True), *_eval_metric_names("heldout_", with_fid=False)]
+    [
+        *_eval_metric_names("", with_fid=True),
+        *_eval_metric_names("heldout_", with_fid=False),
+        *("terse_attr_acc", "terse_all_named"),  # with eval.terse_prompts
+    ]
 )
 """Written only when the trainer trains on the embedded shapes (the domain evaluator)."""
 FLOW_METRICS: frozenset[str] = frozenset(

@@ -426,7 +426,7 @@ class FlowTrainer:
         s = self.stage
         words = "all" if s.caption_attributes is None else str(s.caption_attributes)
         print(
-            f"curriculum stage {s.index} (steps {s.start}-{s.end}) at step {self.step}: "
+            f"curriculum stage {s.index} (steps {s.start} to {s.end - 1}) at step {self.step}: "
             f"resolution {s.resolution}, caption attributes {words}, shift {self.shift:.4g}",
             flush=True,
         )

@@ -30,7 +30,6 @@ from harness.prompt_following import (
     PromptMeasureError,
     expand_runs,
     measure,
-    named_accuracy,
     parse_enhancer,
     prompt_set,
 )
@@ -38,6 +37,7 @@ from harness.store import Store
 from harness.voting import enhanced_prompts
 from tests.harness.test_arena_pipeline import Runs, _tiny_net_loader, new_store, runs  # noqa: F401
 from trainers.config import EnhancerConfig
+from trainers.data.terse import named_accuracy
 
 SHAPES = EnhancerConfig(backend="shapes")
 
@@ -109,6 +109,7 @@ def test_measure_pairs_conditions_and_stores_provenance(tmp_path: Path, runs: Ru
     # conditions are the same images, so the difference is exactly 0 on every seed.
     assert by_set["full"].rewritten == 0.0
     assert by_set["full"].estimate == 0.0 and by_set["full"].n_seeds == 2
+    assert by_set["full"].verdict.startswith("no change")
     for r in results:
         np.testing.assert_array_equal(r.rows[("full", "enhanced")], r.rows[("full", "as_written")])
     # Terse prompts are rewritten into captions naming all five attributes.

@@ -673,7 +673,8 @@ def test_known_metrics_match_the_shapes_attributes() -> None:
         assert {f"{prefix}attr_acc/{n}" for n in names} <= FLOW_METRICS
         assert {f"{prefix}attr_acc_mean", f"{prefix}attr_all_correct"} <= FLOW_METRICS
     assert {"train/loss", "train/images_per_s", "domain_fid"} <= FLOW_METRICS
-    assert len(FLOW_METRICS) == 5 + 1 + 2 * (len(names) + 2)
+    assert {"terse_attr_acc", "terse_all_named"} <= FLOW_METRICS
+    assert len(FLOW_METRICS) == 5 + 1 + 2 * (len(names) + 2) + 2
     assert KNOWN_METRICS >= FLOW_METRICS and TRAINERS["flow"].config is FlowConfig
 
 

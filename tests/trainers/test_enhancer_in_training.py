@@ -21,7 +21,7 @@ def test_samples_record_the_original_and_the_enhanced_prompt(tmp_path: Path) -> 
     cfg = config(
         train={"steps": 2, "log_every": 1, "checkpoint_every": 100, "warmup_steps": 1},
         eval={"every": 1000, "num_images": 2, "reference_images": 8, "steps": 1,
-              "loss_images": 0},
+              "loss_images": 0, "terse_prompts": True},
         sample={"steps": 1, "prompts": TERSE, "seeds": [0],
                 "prompt_enhancer": {"backend": "shapes"}},
     )  # fmt: skip
@@ -38,6 +38,8 @@ def test_samples_record_the_original_and_the_enhanced_prompt(tmp_path: Path) -> 
     assert "red circle" in records[0]["enhanced_prompt"]
     assert json.loads((run / "final" / "harness.json").read_text())["prompt_enhancer"] == prov
     assert f'"version": "{prov["version"]}"' in (run / "stdout.log").read_text()
+    final = {r["name"]: r["value"] for r in read_jsonl(run / "metrics.jsonl") if r["step"] == 2}
+    assert 0.0 <= final["terse_all_named"] <= final["terse_attr_acc"] <= 1.0
 
     # The store keeps both prompts and the provenance (manifest extras go to samples.extra).
     from harness.store import Store
@@ -75,3 +77,38 @@ def test_bad_enhancer_fails_before_training(tmp_path: Path, monkeypatch) -> None
 def test_enhancer_config_errors_name_the_key(bad: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_config(config(sample={"prompt_enhancer": bad}))
+
+
+def test_terse_evaluation_scores_the_named_attributes_of_what_it_was_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The evaluator renders every terse prompt through ``generate`` (the trainer passes the
+    enhancer's rewrites) and scores only the attributes each prompt names."""
+    import numpy as np
+    import torch
+
+    import trainers.domain as domain
+    from trainers.data.terse import named_labels, terse_prompts
+    from trainers.evaluate import ShapesEvaluator
+
+    prompts = terse_prompts()
+    truth = named_labels(prompts)
+    # The "network" sees every named attribute right on even rows, none on odd rows.
+    predicted = np.where(truth >= 0, truth, 0)
+    predicted[1::2] = np.where(truth[1::2] >= 0, truth[1::2] + 1, 0)
+    monkeypatch.setattr(domain, "predict_labels", lambda net, images: torch.from_numpy(predicted))
+    evaluator = object.__new__(ShapesEvaluator)
+    evaluator.net, evaluator.terse = None, prompts
+    seen: list[list[str]] = []
+
+    def generate(texts, seeds):
+        seen.append(list(texts))
+        assert list(seeds) == list(range(len(texts)))
+        return torch.zeros(len(texts), 3, 16, 16)
+
+    out = evaluator._terse(generate)
+    assert seen == [[p.prompt for p in prompts]]
+    even = (len(prompts) + 1) // 2
+    assert out["terse_attr_acc"] == pytest.approx(even / len(prompts))
+    assert out["terse_all_named"] == pytest.approx(even / len(prompts))
+    assert "terse_prompts" not in parse_config(config()).to_dict()["eval"]  # hash unchanged

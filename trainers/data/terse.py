@@ -19,12 +19,15 @@ an enhancer's measured gain on this set is not memorisation of its own training 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Literal
 
-from trainers.data.shapes import ATTRIBUTES, HELDOUT_PAIRS
+import numpy as np
+
+from trainers.data.shapes import ATTRIBUTE_NAMES, ATTRIBUTES, HELDOUT_PAIRS
 
 TERSE_PROMPTS_FILE = Path(__file__).with_name("terse_prompts.jsonl")
 
@@ -111,3 +114,24 @@ def _shipped() -> tuple[TersePrompt, ...]:
 def terse_prompts() -> list[TersePrompt]:
     """The shipped terse prompt set (``terse_prompts.jsonl``), in file order."""
     return list(_shipped())
+
+
+def named_labels(prompts: Sequence[TersePrompt]) -> np.ndarray:
+    """``[N, A]`` int64: each prompt's label per attribute (``ATTRIBUTE_NAMES`` order), -1 for
+    the attributes it does not name."""
+    out = np.full((len(prompts), len(ATTRIBUTE_NAMES)), -1, dtype=np.int64)
+    for i, p in enumerate(prompts):
+        for j, a in enumerate(ATTRIBUTE_NAMES):
+            if a in p.attributes:
+                out[i, j] = ATTRIBUTES[a].index(p.attributes[a])
+    return out
+
+
+def named_accuracy(predicted: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per image: the fraction of named attributes (label >= 0) predicted right ``[N]`` float,
+    and whether all of them are ``[N]`` bool. ``predicted``/``labels``: ``[N, A]`` ints."""
+    named = labels >= 0
+    if not named.any(axis=1).all():
+        raise ValueError("every prompt must name at least one attribute")
+    hit = (predicted == labels) & named
+    return hit.sum(1) / named.sum(1), (hit | ~named).all(1)
