@@ -20,6 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 ROOT = typer.main.get_command(app)
 RUN_ID = re.compile(r"[\w.-]+/\d{4}/s\d+")
 """``<study>/<trial, 4 digits>/s<seed index>``: harness/runner.py's run ids."""
+TRIAL_ID = re.compile(r"[\w.-]+/\d{4}")
+"""``<study>/<trial>``: every seed run of a trial, where a command takes trials too."""
+TAKES_TRIALS = (("prompts", "measure"),)
 
 
 def readme_commands() -> list[list[str]]:
@@ -87,7 +90,10 @@ def test_readme_command_names_real_subcommands_options_and_run_ids(args: list[st
         if name.startswith("--"):
             assert name in known, f"`harness {' '.join(path)}` has no option {name}"
         elif re.fullmatch(r"[\w-]+/\d+(/.*)?", token):  # looks like a run id
-            assert RUN_ID.fullmatch(token), f"{token!r} is not a run id (e.g. timestep/0000/s0)"
+            trial_ok = tuple(path) in TAKES_TRIALS and TRIAL_ID.fullmatch(token)
+            assert RUN_ID.fullmatch(token) or trial_ok, (
+                f"{token!r} is not a run id (e.g. timestep/0000/s0)"
+            )
 
 
 @pytest.mark.parametrize("path", all_commands(), ids=lambda p: " ".join(p) or "harness")
