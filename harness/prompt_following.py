@@ -169,6 +169,7 @@ class Comparison:
     n_seeds: int
     verdict: str
     rewritten: float  # fraction of the set's prompts the enhancer changed
+    per_seed: tuple[float, ...] = ()  # enhanced - as written, per run
 
 
 def _verdict(effect: Any, prompt_set: str) -> str:
@@ -207,6 +208,7 @@ def compare(results: Sequence[RunResult], prompt_set: str) -> Comparison:
         ci_high=effect.ci_high,
         n_seeds=effect.n_seeds,
         verdict=verdict,
+        per_seed=effect.per_seed,
         rewritten=changed / len(pairs) if pairs else math.nan,
     )
 

@@ -110,6 +110,8 @@ def test_measure_pairs_conditions_and_stores_provenance(tmp_path: Path, runs: Ru
     assert by_set["full"].rewritten == 0.0
     assert by_set["full"].estimate == 0.0 and by_set["full"].n_seeds == 2
     assert by_set["full"].verdict.startswith("no change")
+    diffs = [r.rows[("terse", c)].mean() for r in results for c in ("enhanced", "as_written")]
+    assert by_set["terse"].per_seed == pytest.approx([diffs[0] - diffs[1], diffs[2] - diffs[3]])
     for r in results:
         np.testing.assert_array_equal(r.rows[("full", "enhanced")], r.rows[("full", "as_written")])
     # Terse prompts are rewritten into captions naming all five attributes.
