@@ -251,9 +251,9 @@ def test_stages_switch_resolution_captions_and_shift_at_their_steps(
     assert by[(10, "train/pixels_seen")] == 7 * 8 * 64 + 3 * 8 * 256
     assert by[(10, "train/tokens_seen")] == 7 * 8 * tokens[8] + 3 * 8 * tokens[16]
     out = capsys.readouterr().out
-    for line in ("stage 0 (steps 0-4) at step 0", "stage 1 (steps 4-7) at step 4"):
+    for line in ("stage 0 (steps 0 to 3) at step 0", "stage 1 (steps 4 to 6) at step 4"):
         assert line in out
-    assert "stage 2 (steps 7-10) at step 7: resolution 16, caption attributes all" in out
+    assert "stage 2 (steps 7 to 9) at step 7: resolution 16, caption attributes all" in out
     assert "warning" not in out
 
 
