@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 import types
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,14 @@ def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def next_second() -> None:
+    """Readers order event files by name: ``events.out.tfevents.<unix second>.<host>.<pid>.<n>``
+    with n a per-process counter. A resumed trainer is a new process seconds later; two writers
+    in one test process within one second are ordered by n as a string, so "10" sorts before
+    "9" once the worker has opened ten writers. Wait for the next second, as a restart would."""
+    time.sleep(1.05 - time.time() % 1.0)
 
 
 def test_log_config_defaults_to_tensorboard_and_is_not_part_of_the_hash() -> None:
@@ -74,6 +83,7 @@ def test_tensorboard_resume_purges_the_steps_after_the_checkpoint(tmp_path: Path
     for step in range(1, 11):
         first.log(step, {"train/loss": float(step)})
     first.close()  # killed after step 10; the checkpoint is at step 5
+    next_second()
     resumed = TensorBoardTracker(log_dir, resume_step=5)
     for step in range(6, 9):
         resumed.log(step, {"train/loss": 100.0 + step})
@@ -89,6 +99,7 @@ def test_a_fresh_restart_drops_a_killed_attempts_points(tmp_path: Path) -> None:
     for step in (0, 5, 10):
         killed.log(step, {"train/loss": 1.0})
     killed.close()
+    next_second()
     again = TensorBoardTracker(log_dir, resume_step=0)  # metrics.jsonl keeps step 0 only
     for step in (5, 10):
         again.log(step, {"train/loss": 2.0})
