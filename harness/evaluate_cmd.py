@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from evaluators.metrics import METRICS
-from harness.store import SAMPLE_COLUMNS, Store
+from harness.store import SAMPLE_COLUMNS, Store, decode_json
 from harness.workpaths import store_work_root, to_stored
 from trainers.names import did_you_mean
 
@@ -287,7 +287,9 @@ def load_image_set(target: str, store: Store, tag: str | None = None) -> ImageSe
         run_dir = store.run_dir_path(rows[0]["run_dir"])  # recorded relative to the work dir
         data = (json.loads(rows[0]["config"]) or {}).get("data") or {}
         cols = ", ".join(_SAMPLE_FIELDS)
-        records = store.query(f"SELECT {cols} FROM samples WHERE run_id = ?", [target])
+        records = decode_json(
+            store.query(f"SELECT {cols}, extra FROM samples WHERE run_id = ?", [target])
+        )
         if not records and (run_dir / "samples" / "manifest.jsonl").is_file():
             records = _read_manifest(run_dir / "samples" / "manifest.jsonl")
         return _samples_set(target, "run", run_dir, records, tag, data)

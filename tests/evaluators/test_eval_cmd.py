@@ -188,3 +188,23 @@ def test_reference_folder_is_keyed_by_its_content(tmp_path: Path) -> None:
     assert code == 0, out
     rows = read_scores(store, metric="cmmd")
     assert len(rows) == 2 and len({r["provenance"]["reference"]["files_sha256"] for r in rows}) == 2
+
+
+def test_samples_made_through_a_prompt_enhancer_carry_it_in_the_provenance(tmp_path: Path) -> None:
+    """Scores of images made from rewritten prompts name the enhancer; scores of plain samples
+    keep the provenance they had before enhancers existed (no null key), so their hashes hold."""
+    from harness.evaluate_cmd import load_image_set
+
+    store = Store(tmp_path / "harness.duckdb")
+    plain = _write_run(tmp_path / "plain")
+    enhanced = _write_run(tmp_path / "enhanced")
+    prov = {"backend": "shapes", "version": "b9c092a1"}
+    manifest = enhanced / "samples" / "manifest.jsonl"
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for r in records:
+        r |= {"enhanced_prompt": r["prompt"] + "!", "prompt_enhancer": prov}
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
+    store.ingest_run_dir("s/0", enhanced)  # the store keeps the manifest's extras in `extra`
+    assert "prompt_enhancer" not in load_image_set(str(plain), store).provenance
+    assert load_image_set(str(enhanced), store).provenance["prompt_enhancer"] == prov
+    assert load_image_set("s/0", store).provenance["prompt_enhancer"] == prov
