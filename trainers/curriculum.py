@@ -29,6 +29,7 @@ batch, dropout, timesteps and noise are the same with and without a curriculum.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -72,11 +73,18 @@ def stage_at(all_stages: list[Stage], step: int) -> Stage:
     return all_stages[0]
 
 
-def pixels_seen(all_stages: list[Stage], step: int, batch_size: int) -> int:
+def pixels_seen(
+    all_stages: list[Stage],
+    step: int,
+    batch_size: int,
+    per_image: Callable[[int], int] = lambda resolution: resolution**2,
+) -> int:
     """Pixels (per channel) of the training images of steps ``0 .. step - 1``: images x
-    resolution^2 summed over the stages: the compute proxy of a curriculum run."""
+    resolution^2 summed over the stages: the compute proxy of a curriculum run. ``per_image``
+    (of a stage's resolution) counts something else per image, e.g. the denoiser's tokens."""
     return sum(
-        max(0, min(step, s.end) - s.start) * batch_size * s.resolution**2 for s in all_stages
+        max(0, min(step, s.end) - s.start) * batch_size * per_image(s.resolution)
+        for s in all_stages
     )
 
 

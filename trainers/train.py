@@ -437,10 +437,7 @@ class FlowTrainer:
         side^2, one channel) and ``train/tokens_seen`` (images x denoiser tokens)."""
         stage = stage_at(self.stages, self.step - 1)
         batch = self.cfg.train.batch_size
-        tokens = sum(
-            max(0, min(self.step, s.end) - s.start) * batch * self.seq_len(s.resolution)
-            for s in self.stages
-        )
+        tokens = pixels_seen(self.stages, self.step, batch, per_image=self.seq_len)
         return {
             "train/curriculum_stage": float(stage.index),
             "train/resolution": float(stage.resolution),
@@ -770,8 +767,9 @@ class FlowTrainer:
         s = self.cfg.sample
         prompts = sample_prompts(self.cfg, self.data.captions)
         pairs = [(pid, p, seed) for pid, p in enumerate(prompts) for seed in s.seeds]
+        given = self.enhance([p for _, p, _ in pairs])  # what the model is given
         images = self._generator_fn(self.ema_model(), s.solver, s.steps, s.guidance)(
-            self.enhance([p for _, p, _ in pairs]), [seed for _, _, seed in pairs]
+            given, [seed for _, _, seed in pairs]
         )
         meta = {
             "step": self.step,
@@ -781,10 +779,9 @@ class FlowTrainer:
             "steps": s.steps,
             "shift": self.sample_shift,
         } | self.sample_meta()
-        enhanced = None
         if self.enhancer is not None:
             meta["prompt_enhancer"] = self.enhancer.provenance()
-            enhanced = self.enhance([p for _, p, _ in pairs])
+        enhanced = given if self.enhancer is not None else None
         write_samples(self.run, tag, pairs, images, meta, enhanced=enhanced)
 
     # -- export -------------------------------------------------------------------------------
